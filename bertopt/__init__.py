@@ -1,0 +1,3 @@
+"""bertopt: fine-tune, optimize, measure and deploy BERT-family text classifiers."""
+
+__version__ = "0.1.0"

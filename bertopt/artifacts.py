@@ -1,0 +1,234 @@
+"""The only module that knows the layout of saved_models/ and the manifest format.
+
+A stage directory is complete only when it holds ``manifest.json``; the manifest is written
+last and atomically (temp file + rename), so a stage killed half-way leaves a directory that
+no downstream stage accepts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import MissingArtifact, PipelineError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+# stage name -> (directory under the output dir, command that produces it)
+STAGE_DIRS = {
+    "baseline": ("baseline", "python benchmark.py"),
+    "mixed_precision": ("mixed_precision", "python mixed_precision.py"),
+    "pruned": ("pruned", "python prune.py --prune-layers 2"),
+    "onnx": ("onnx", "python onnx_tensorrt.py"),
+    "tensorrt": ("tensorrt", "python onnx_tensorrt.py"),
+    "aws": ("aws", "python aws_deploy.py"),
+}
+# the trained-model stages, in the order later stages consider them
+TRAINED_STAGES = ("baseline", "mixed_precision", "pruned")
+
+
+def stage_dir(output_dir: str | os.PathLike, stage: str) -> Path:
+    try:
+        name = STAGE_DIRS[stage][0]
+    except KeyError:  # pragma: no cover - programming error
+        raise ValueError(f"unknown stage {stage!r}") from None
+    return Path(output_dir) / name
+
+
+def producing_command(stage: str) -> str:
+    return STAGE_DIRS[stage][1]
+
+
+def manifest_path(directory: str | os.PathLike) -> Path:
+    return Path(directory) / MANIFEST
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a stage directory, or None when the directory is incomplete."""
+    path = manifest_path(directory)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def require_manifest(directory: str | os.PathLike, stage: str, ok_only: bool = True) -> dict:
+    """The manifest of a finished input stage; MissingArtifact (naming the command) otherwise."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise MissingArtifact(manifest_path(directory), producing_command(stage))
+    if ok_only and manifest.get("status") != "ok":
+        raise MissingArtifact(
+            f"{directory} (status {manifest.get('status')}: {manifest.get('reason', '')})",
+            producing_command(stage),
+        )
+    return manifest
+
+
+def manifest_digest(directory: str | os.PathLike) -> str | None:
+    path = manifest_path(directory)
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fingerprint(config: dict, inputs: dict | None = None) -> str:
+    """A stable hash of what determines a stage's output (config + input manifests)."""
+    blob = json.dumps({"config": config, "inputs": inputs or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_current(directory: str | os.PathLike, fp: str) -> dict | None:
+    """The existing manifest when it was produced from the same fingerprint, else None."""
+    manifest = read_manifest(directory)
+    if manifest and manifest.get("fingerprint") == fp and manifest.get("status") in ("ok", "skipped"):
+        return manifest
+    return None
+
+
+def begin_stage(directory: str | os.PathLike) -> Path:
+    """Prepare a stage directory for a (re-)run: drop the old manifest first, so that files
+    half-overwritten by this run are never vouched for by a stale manifest."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest_path(directory).unlink(missing_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(f"cannot write to output directory {directory}: {exc.strerror or exc}"
+                            " (choose another --output-dir)") from None
+    return directory
+
+
+def clear_dir(directory: str | os.PathLike, keep: Iterable[str] = ("stage.log",)) -> None:
+    """Remove everything in a stage directory except ``keep`` (used before a forced re-run)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}.get(module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment() -> dict:
+    """Versions and hardware facts recorded in every manifest (no optional import is forced)."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"),
+        "tensorrt": _version("tensorrt"),
+        "gpu": None,
+        "gpu_compute_capability": None,
+        "cuda": None,
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def write_manifest(directory: str | os.PathLike, *, stage: str, status: str, config: dict,
+                   fingerprint: str, inputs: dict | None = None, outputs: Iterable[str] = (),
+                   metrics: dict | None = None, reason: str | None = None, **extra) -> dict:
+    """Write the stage manifest last and atomically; returns it."""
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "status": status,
+        "reason": reason,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_revision": git_revision(),
+        "fingerprint": fingerprint,
+        "config": config,
+        "environment": environment(),
+        "inputs": inputs or {},
+        "outputs": sorted(outputs),
+        "metrics": metrics or {},
+    }
+    manifest.update(extra)
+    atomic_write_json(manifest_path(directory), manifest)
+    return manifest
+
+
+def list_files(directory: str | os.PathLike) -> list[str]:
+    """Relative paths of every file under a directory (manifest and logs excluded)."""
+    directory = Path(directory)
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, "stage.log") and not p.name.startswith("."))

@@ -1,0 +1,111 @@
+"""The two fine-tuning stages: the FP32 baseline (benchmark.py) and mixed precision."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from . import artifacts
+from .cli import StageResult, print_config
+from .config import TrainConfig, result_config
+from .logs import stage_logging
+
+log = logging.getLogger("bertopt.train_stage")
+
+
+def _skip_result(stage, directory, manifest, start) -> StageResult:
+    log.info("%s is up to date (%s); --force re-runs it", stage, artifacts.manifest_path(directory))
+    metric = manifest.get("metrics", {}).get("best_eval_accuracy")
+    return StageResult(stage, "up-to-date", time.perf_counter() - start,
+                       f"best eval accuracy {metric:.4f}" if metric is not None else manifest.get("reason") or "",
+                       str(directory))
+
+
+def run_training(cfg: TrainConfig, stage: str) -> StageResult:
+    """Fine-tune ``cfg.model`` on ``cfg.dataset`` and write the stage directory."""
+    from . import data as data_mod
+    from . import modeling, training
+
+    start = time.perf_counter()
+    directory = artifacts.stage_dir(cfg.output_dir, stage)
+    fp = artifacts.fingerprint({"stage": stage, **result_config(cfg)})
+    current = None if cfg.force else artifacts.is_current(directory, fp)
+    if current:
+        return _skip_result(stage, directory, current, start)
+    artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
+    artifacts.clear_dir(directory)
+    with stage_logging(stage, directory):
+        print_config(stage, cfg)
+        device = training.resolve_device(cfg.device)
+        plan = training.resolve_precision(cfg.precision, device)
+        if not plan.available and not (cfg.force and device.type == "cpu" and plan.name == "bf16"):
+            log.warning("%s skipped: %s", stage, plan.reason)
+            artifacts.write_manifest(directory, stage=stage, status="skipped", reason=plan.reason,
+                                     config=cfg.to_dict(), fingerprint=fp)
+            return StageResult(stage, "skipped", time.perf_counter() - start, plan.reason, str(directory))
+        if plan.autocast_dtype is not None:
+            log.info("precision: %s autocast on %s (%s)", plan.name, device, plan.reason)
+
+        splits = data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.text_column, cfg.label_column,
+                                      cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
+        log.info("data: %s, %d train / %d eval rows, labels %s%s", splits.source, len(splits.train),
+                 len(splits.eval), splits.label_names, " (eval carved from train)" if splits.eval_carved else "")
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        training.seed_everything(cfg.seed)
+        model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names)
+        modeling.check_max_length(cfg.max_length, model)
+        counts = modeling.freeze_layers(model, cfg.freeze_layers)
+        model.to(device)
+
+        with_tt = modeling.uses_token_type_ids(model)
+        pad_id = tokenizer.pad_token_id or 0
+        train_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.train.texts, tokenizer, cfg.max_length),
+                                           splits.train.labels)
+        eval_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.eval.texts, tokenizer, cfg.max_length),
+                                          splits.eval.labels)
+        cuda = device.type == "cuda"
+        workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
+        pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
+        train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
+                                            with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin)
+        eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
+                                           pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
+                                           pin_memory=pin)
+        log.info("model: %s, %d parameters (%d trainable), max length %d, batch %d, %d epoch(s)",
+                 cfg.model, counts["parameters"], counts["trainable_parameters"], cfg.max_length,
+                 cfg.batch_size, cfg.epochs)
+        result = training.train(model, train_loader, eval_loader, cfg, device, plan)
+
+        model.to("cpu")
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        metrics = dict(result.metrics, **counts, train_rows=len(splits.train), eval_rows=len(splits.eval),
+                       mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
+        artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+        artifacts.write_manifest(
+            directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
+            inputs={"model": cfg.model, "dataset": splits.source},
+            outputs=artifacts.list_files(directory), metrics=metrics,
+            data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
+            reason=plan.reason if plan.autocast_dtype is not None else None,
+        )
+    acc = metrics["best_eval_accuracy"]
+    return StageResult(stage, "ok", time.perf_counter() - start,
+                       f"best eval accuracy {acc:.4f}, {metrics['samples_per_s']} samples/s", str(directory))
+
+
+def run_baseline(cfg: TrainConfig) -> StageResult:
+    if cfg.precision != "fp32":
+        from .errors import ConfigError
+
+        raise ConfigError("the baseline is FP32 by definition; use mixed_precision.py for --precision "
+                          f"{cfg.precision}")
+    return run_training(cfg, "baseline")
+
+
+def run_mixed_precision(cfg: TrainConfig) -> StageResult:
+    if cfg.precision == "fp32":
+        from dataclasses import replace
+
+        cfg = replace(cfg, precision="amp")
+    return run_training(cfg, "mixed_precision")
