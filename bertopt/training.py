@@ -182,8 +182,12 @@ def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: 
             "n": int(n), "predictions": preds[order].tolist()}
 
 
-def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan) -> TrainResult:
-    """Fine-tune in place and leave the best epoch's weights loaded. ``cfg`` is a TrainConfig."""
+def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
+          loss_fn=None) -> TrainResult:
+    """Fine-tune in place and leave the best epoch's weights loaded. ``cfg`` is a TrainConfig.
+
+    ``loss_fn(logits, labels, inputs) -> scalar`` replaces the default cross-entropy (e.g. the
+    distillation loss of prune.py --distill); ``inputs`` are the batch tensors on ``device``."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -221,7 +225,11 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan) ->
                 y = batch["labels"].to(device, non_blocking=non_blocking)
                 with plan.autocast():
                     logits = model(**inputs).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), y) / cfg.grad_accum_steps
+                if loss_fn is None:
+                    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                else:
+                    loss = loss_fn(logits.float(), y, inputs)
+                loss = loss / cfg.grad_accum_steps
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
