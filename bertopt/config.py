@@ -122,3 +122,48 @@ class TrainConfig(CommonConfig):
         if self.grad_accum_steps < 1:
             p.append(f"--grad-accum-steps must be >= 1 (got {self.grad_accum_steps})")
         return p
+
+
+SENSITIVITY_METHODS = ("removal", "gradient")
+
+
+@dataclass
+class PruneConfig(TrainConfig):
+    """Structured layer pruning + re-fine-tuning (prune.py); training fields as TrainConfig."""
+
+    source: Optional[str] = None  # model dir to prune; None = the baseline stage of --output-dir
+    prune_layers: Optional[int] = None
+    target_layers: Optional[int] = None
+    method: str = "removal"
+    sensitivity_samples: Optional[int] = None  # eval rows used for sensitivity; None = all
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+
+    def __post_init__(self):
+        if self.sensitivity_samples == 0:  # 'all'
+            self.sensitivity_samples = None
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.prune_layers is None and self.target_layers is None:
+            p.append("give --prune-layers K (layers to remove) or --target-layers N (layers to keep)")
+        elif self.prune_layers is not None and self.target_layers is not None:
+            p.append("give only one of --prune-layers and --target-layers")
+        for name in ("prune_layers", "target_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                p.append(f"{flag(name)} must be a positive integer (got {value!r})")
+        if self.method not in SENSITIVITY_METHODS:
+            p.append(f"--method must be one of {', '.join(SENSITIVITY_METHODS)} (got {self.method!r})")
+        if self.sensitivity_samples is not None and (not isinstance(self.sensitivity_samples, int)
+                                                     or self.sensitivity_samples < 1):
+            p.append(f"--sensitivity-samples must be a positive integer or 'all' (got {self.sensitivity_samples!r})")
+        if not (0.0 <= self.distill_alpha <= 1.0):
+            p.append(f"--distill-alpha must be in [0, 1] (got {self.distill_alpha})")
+        if not (self.distill_temperature > 0):
+            p.append(f"--distill-temperature must be > 0 (got {self.distill_temperature})")
+        if self.precision != "fp32":
+            p.append(f"prune.py re-fine-tunes in FP32 (got --precision {self.precision})")
+        return p
