@@ -59,7 +59,43 @@ MIXED_PRECISION = Stage("mixed_precision", "mixed_precision.py",
                         "mixed-precision (AMP) fine-tune; skipped where the hardware has no fast half-precision math",
                         add_mixed_args, build_mixed, _run_mixed)
 
-STAGES: list[Stage] = [BASELINE, MIXED_PRECISION]
+
+def _run_prune(cfg):
+    from .prune_stage import run_prune
+
+    return run_prune(cfg)
+
+
+def add_prune_args(parser):
+    add_baseline_args(parser)
+    g = parser.add_argument_group("layer pruning")
+    cli.add(g, "--prune-layers", type=int, metavar="K", help="remove K encoder layers (enables the prune stage)")
+    cli.add(g, "--target-layers", type=int, metavar="N", help="prune down to N encoder layers (enables the prune stage)")
+    cli.add(g, "--source", metavar="DIR", help="model dir to prune (default: the baseline stage of --output-dir)")
+    cli.add(g, "--method", "--sensitivity-method", dest="method", choices=("removal", "gradient"),
+            help="layer sensitivity: removal = eval accuracy with each layer removed (default); "
+                 "gradient = gradient x activation estimate (one pass, for deep models)")
+    cli.add(g, "--sensitivity-samples", type=cli._optional_count, metavar="N|all",
+            help="eval rows used for the sensitivity analysis (default: all)")
+    cli.add(g, "--distill", action="store_true", default=None,
+            help="re-fine-tune with KL on the unpruned model's soft targets + CE")
+    cli.add(g, "--distill-alpha", type=float, metavar="A", help="weight of the distillation term (default: 0.5)")
+    cli.add(g, "--distill-temperature", type=float, metavar="T", help="softmax temperature (default: 2.0)")
+
+
+def build_prune(ns):
+    from .config import PruneConfig
+
+    return cli.build_config(PruneConfig, ns, precision="fp32")
+
+
+PRUNE = Stage("prune", "prune.py",
+              "greedy structured layer pruning + re-fine-tune (enabled by --prune-layers or --target-layers)",
+              add_prune_args, build_prune, _run_prune, optional=True,
+              enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
+              or getattr(ns, "target_layers", None) is not None)
+
+STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE]
 
 
 def by_name() -> dict[str, Stage]:
