@@ -263,13 +263,13 @@ def plot_sensitivity(scores: LayerScores, path, removed: Sequence[int] = (), tit
     ylabel = ("accuracy drop when removed (points)" if scores.metric == "accuracy_drop"
               else "gradient x activation importance")
     colors = ["#d62728" if i in set(removed) else "#1f77b4" for i in range(n)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * n + 2.5), 3.6))
     ax.bar(range(n), values, color=colors)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(n))
     ax.set_xlabel("encoder layer")
     ax.set_ylabel(ylabel)
-    ax.set_title(title or f"layer sensitivity ({scores.method}); red = pruned")
+    ax.set_title((title or f"layer sensitivity ({scores.method}); red = pruned").replace("; ", "\n"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
