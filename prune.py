@@ -11,7 +11,7 @@ import sys
 
 from bertopt import cli
 from bertopt.config import PruneConfig
-from bertopt.stages import PRUNE
+from bertopt.stages import PRUNE, add_prune_args
 
 EPILOG = """examples:
   python prune.py --target-layers 4                 # 6-layer MiniLM -> 4 layers, 2 epochs re-fine-tune
@@ -20,8 +20,8 @@ EPILOG = """examples:
 
 
 def main(argv=None) -> int:
-    return cli.stage_main("prune", __doc__, PruneConfig, PRUNE.add_args, lambda cfg: PRUNE.run(cfg), argv,
-                          epilog=EPILOG, build=PRUNE.build_config)
+    return cli.stage_main("prune", __doc__, PruneConfig, lambda p: add_prune_args(p, standalone=True),
+                          lambda cfg: PRUNE.run(cfg), argv, epilog=EPILOG, build=PRUNE.build_config)
 
 
 if __name__ == "__main__":

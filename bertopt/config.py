@@ -131,7 +131,7 @@ SENSITIVITY_METHODS = ("removal", "gradient")
 class PruneConfig(TrainConfig):
     """Structured layer pruning + re-fine-tuning (prune.py); training fields as TrainConfig."""
 
-    source: Optional[str] = None  # model dir to prune; None = the baseline stage of --output-dir
+    prune_source: Optional[str] = None  # model dir to prune; None = the baseline stage of --output-dir
     prune_layers: Optional[int] = None
     target_layers: Optional[int] = None
     method: str = "removal"

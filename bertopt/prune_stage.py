@@ -1,6 +1,6 @@
 """The prune stage: layer sensitivity, greedy structured layer pruning and re-fine-tuning.
 
-Reads a fine-tuned model (the baseline stage, or ``--source DIR``), writes
+Reads a fine-tuned model (the baseline stage, or ``--prune-source DIR``), writes
 ``<output_dir>/pruned/``: a plain smaller save_pretrained model + tokenizer, ``labels.json``,
 ``sensitivity.json``, ``sensitivity.png`` and ``manifest.json`` (stage "pruned")."""
 from __future__ import annotations
@@ -24,13 +24,13 @@ STAGE = "pruned"
 
 def resolve_source(cfg: PruneConfig) -> tuple[Path, dict | None, str]:
     """(model dir, its manifest or None, a digest identifying its contents)."""
-    if cfg.source:
-        src = Path(cfg.source).expanduser()
+    if cfg.prune_source:
+        src = Path(cfg.prune_source).expanduser()
         if not (src / "config.json").is_file():
-            raise ModelError(f"--source {cfg.source}: not a saved model directory (no config.json)")
+            raise ModelError(f"--prune-source {cfg.prune_source}: not a saved model directory (no config.json)")
         manifest = artifacts.read_manifest(src)
         if manifest is not None and manifest.get("status") != "ok":
-            raise ModelError(f"--source {cfg.source}: its manifest has status {manifest.get('status')!r} "
+            raise ModelError(f"--prune-source {cfg.prune_source}: its manifest has status {manifest.get('status')!r} "
                              f"({manifest.get('reason') or 'no model'}), not a usable model")
     else:
         src = artifacts.stage_dir(cfg.output_dir, "baseline")
@@ -80,7 +80,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
     k = pruning.layers_to_remove(n_before, cfg.prune_layers, cfg.target_layers)  # fail before any work
     directory = artifacts.stage_dir(cfg.output_dir, STAGE)
     if src.resolve() == directory.resolve():
-        raise ModelError(f"--source {src} is the pruned stage's own output directory; prune a copy instead")
+        raise ModelError(f"--prune-source {src} is the pruned stage's own output directory; prune a copy instead")
     fp = artifacts.fingerprint({"stage": STAGE, **result_config(cfg)}, {"source": str(src), "digest": src_digest})
     current = None if cfg.force else artifacts.is_current(directory, fp)
     if current:

@@ -66,12 +66,14 @@ def _run_prune(cfg):
     return run_prune(cfg)
 
 
-def add_prune_args(parser):
+def add_prune_args(parser, standalone: bool = False):
     add_baseline_args(parser)
     g = parser.add_argument_group("layer pruning")
     cli.add(g, "--prune-layers", type=int, metavar="K", help="remove K encoder layers (enables the prune stage)")
     cli.add(g, "--target-layers", type=int, metavar="N", help="prune down to N encoder layers (enables the prune stage)")
-    cli.add(g, "--source", metavar="DIR", help="model dir to prune (default: the baseline stage of --output-dir)")
+    # prune.py alone also takes --source; in main.py --source belongs to onnx_tensorrt (stage names)
+    cli.add(g, "--prune-source", *(("--source",) if standalone else ()), dest="prune_source", metavar="DIR",
+            help="model dir to prune (default: the baseline stage of --output-dir)")
     cli.add(g, "--method", "--sensitivity-method", dest="method", choices=("removal", "gradient"),
             help="layer sensitivity: removal = eval accuracy with each layer removed (default); "
                  "gradient = gradient x activation estimate (one pass, for deep models)")

@@ -363,7 +363,7 @@ def test_prune_stage_gradient_method_from_a_plain_source_dir(out_with_baseline, 
     src = tmp_path / "plain_model"
     shutil.copytree(out_with_baseline / "baseline", src, ignore=shutil.ignore_patterns("manifest.json", "*.log"))
     out = tmp_path / "elsewhere"
-    result = run_prune(prune_cfg(out, tiny_data_dir, source=str(src), target_layers=1, prune_layers=None,
+    result = run_prune(prune_cfg(out, tiny_data_dir, prune_source=str(src), target_layers=1, prune_layers=None,
                                  method="gradient", sensitivity_samples=40))
     assert result.status == "ok"
     m = artifacts.require_manifest(out / "pruned", "pruned")["metrics"]
@@ -408,3 +408,16 @@ def test_prune_is_an_optional_stage_after_mixed_precision():
     stage = {s.name: s for s in STAGES}["prune"]
     cfg = stage.build_config(parser.parse_args(["--prune-layers", "2", "--precision", "bf16", "--distill"]))
     assert cfg.prune_layers == 2 and cfg.precision == "fp32" and cfg.distill is True
+    # in main.py --source is onnx_tensorrt's (stage names); the prune stage takes --prune-source there
+    ns = parser.parse_args(["--prune-layers", "1", "--source", "baseline", "--prune-source", "/m"])
+    assert ns.source == "baseline" and stage.build_config(ns).prune_source == "/m"
+
+
+def test_prune_script_accepts_source_alias():
+    import argparse
+
+    from bertopt.stages import add_prune_args
+
+    parser = argparse.ArgumentParser()
+    add_prune_args(parser, standalone=True)
+    assert parser.parse_args(["--source", "/some/model"]).prune_source == "/some/model"
