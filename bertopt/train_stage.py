@@ -22,26 +22,44 @@ def _skip_result(stage, directory, manifest, start) -> StageResult:
 
 
 def run_training(cfg: TrainConfig, stage: str) -> StageResult:
-    """Fine-tune ``cfg.model`` on ``cfg.dataset`` and write the stage directory."""
-    from . import data as data_mod
-    from . import modeling, training
+    """Fine-tune ``cfg.model`` on ``cfg.dataset`` and write the stage directory.
+
+    Under torchrun every rank runs this with DistributedDataParallel (bertopt.distributed); rank 0
+    alone writes the stage directory, and a failing rank ends the whole job."""
+    from . import distributed
 
     start = time.perf_counter()
+    ctx = distributed.setup(cfg.device)  # distributed.SINGLE outside torchrun
+    with distributed.guard(ctx):
+        return _run_training(cfg, stage, ctx, start)
+
+
+def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResult:
+    from . import data as data_mod
+    from . import distributed, modeling, training
+
     directory = artifacts.stage_dir(cfg.output_dir, stage)
-    fp = artifacts.fingerprint({"stage": stage, **result_config(cfg)})
+    key = {"stage": stage, **result_config(cfg)}
+    if ctx.enabled:
+        key["world_size"] = ctx.world_size  # the global batch depends on it
+    fp = artifacts.fingerprint(key)
     current = None if cfg.force else artifacts.is_current(directory, fp)
+    current = distributed.broadcast_object(ctx, current)  # rank 0's view decides for every rank
     if current:
         return _skip_result(stage, directory, current, start)
-    artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
-    artifacts.clear_dir(directory)
-    with stage_logging(stage, directory):
+    if ctx.is_main:
+        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
+        artifacts.clear_dir(directory)
+    distributed.barrier(ctx)
+    with stage_logging(stage, directory if ctx.is_main else None):
         print_config(stage, cfg)
-        device = training.resolve_device(cfg.device)
+        device = ctx.device if ctx.enabled else training.resolve_device(cfg.device)
         plan = training.resolve_precision(cfg.precision, device)
         if not plan.available and not (cfg.force and device.type == "cpu" and plan.name == "bf16"):
             log.warning("%s skipped: %s", stage, plan.reason)
-            artifacts.write_manifest(directory, stage=stage, status="skipped", reason=plan.reason,
-                                     config=cfg.to_dict(), fingerprint=fp)
+            if ctx.is_main:
+                artifacts.write_manifest(directory, stage=stage, status="skipped", reason=plan.reason,
+                                         config=cfg.to_dict(), fingerprint=fp)
             return StageResult(stage, "skipped", time.perf_counter() - start, plan.reason, str(directory))
         if plan.autocast_dtype is not None:
             log.info("precision: %s autocast on %s (%s)", plan.name, device, plan.reason)
@@ -66,20 +84,37 @@ def run_training(cfg: TrainConfig, stage: str) -> StageResult:
         cuda = device.type == "cuda"
         workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
         pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
+        # under torchrun each rank gets a disjoint share of the length-grouped batches
         train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
-                                            with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin)
-        eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
-                                           pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
-                                           pin_memory=pin)
+                                            with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
+                                            num_replicas=ctx.world_size, rank=ctx.rank)
+        if ctx.enabled:
+            eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
+                                                       with_token_type_ids=with_tt, num_workers=workers,
+                                                       pin_memory=pin)
+        else:
+            eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
+                                               pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
+                                               pin_memory=pin)
         log.info("model: %s, %d parameters (%d trainable), max length %d, batch %d, %d epoch(s)",
                  cfg.model, counts["parameters"], counts["trainable_parameters"], cfg.max_length,
                  cfg.batch_size, cfg.epochs)
-        result = training.train(model, train_loader, eval_loader, cfg, device, plan)
+        summary = distributed.run_summary(ctx, cfg.batch_size, cfg.grad_accum_steps)
+        if ctx.enabled:
+            log.info("data parallel: %d processes x batch %d x grad-accum %d = global batch %d (%s)",
+                     ctx.world_size, cfg.batch_size, cfg.grad_accum_steps, summary["global_batch_size"], ctx.backend)
+        result = training.train(distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan,
+                                dist_ctx=ctx if ctx.enabled else None)
+        distributed.barrier(ctx)  # every rank has finished before rank 0 writes anything
+        if not ctx.is_main:
+            distributed.barrier(ctx)  # ... and stays until rank 0 has written the stage directory
+            return StageResult(stage, "ok", time.perf_counter() - start,
+                               f"rank {ctx.rank}/{ctx.world_size} done (rank 0 writes the artifacts)", str(directory))
 
         model.to("cpu")
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        metrics = dict(result.metrics, **counts, train_rows=len(splits.train), eval_rows=len(splits.eval),
+        metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
                        mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
         artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
         artifacts.write_manifest(
@@ -89,6 +124,7 @@ def run_training(cfg: TrainConfig, stage: str) -> StageResult:
             data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
             reason=plan.reason if plan.autocast_dtype is not None else None,
         )
+        distributed.barrier(ctx)
     acc = metrics["best_eval_accuracy"]
     return StageResult(stage, "ok", time.perf_counter() - start,
                        f"best eval accuracy {acc:.4f}, {metrics['samples_per_s']} samples/s", str(directory))

@@ -155,8 +155,12 @@ def _to_device(batch: dict, device, non_blocking: bool) -> dict:
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("labels", "index")}
 
 
-def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: str = "eval") -> dict:
-    """Accuracy and mean loss over a loader; predictions returned in dataset order."""
+def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: str = "eval",
+             dist_ctx=None) -> dict:
+    """Accuracy and mean loss over a loader; predictions returned in dataset order.
+
+    With a multi-process ``dist_ctx`` (bertopt.distributed) the loader holds this rank's shard and
+    the counts are all-reduced, so every rank returns the whole evaluation set's figures."""
     import torch
 
     from .logs import progress
@@ -174,6 +178,10 @@ def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: 
             preds.append(logits.argmax(-1).cpu())
             labels.append(batch["labels"])
             index.append(batch["index"])
+    if dist_ctx is not None and dist_ctx.enabled:
+        from .distributed import gather_eval
+
+        return gather_eval(dist_ctx, preds, labels, index, losses)
     preds, labels, index = (torch.cat(t).numpy() for t in (preds, labels, index))
     order = np.argsort(index)
     n = len(labels)
@@ -183,14 +191,19 @@ def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: 
 
 
 def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
-          loss_fn=None) -> TrainResult:
+          loss_fn=None, dist_ctx=None) -> TrainResult:
     """Fine-tune in place and leave the best epoch's weights loaded. ``cfg`` is a TrainConfig.
 
     ``loss_fn(logits, labels, inputs) -> scalar`` replaces the default cross-entropy (e.g. the
-    distillation loss of prune.py --distill); ``inputs`` are the batch tensors on ``device``."""
+    distillation loss of prune.py --distill); ``inputs`` are the batch tensors on ``device``.
+
+    ``dist_ctx`` (bertopt.distributed.DistContext) marks a torchrun job: ``model`` is then wrapped in
+    DistributedDataParallel, ``train_loader`` yields this rank's batches, and logged losses, eval
+    figures and throughput are combined over the ranks. None = single process (unchanged)."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    from .distributed import maybe_inject_failure, mean_across, reduce_throughput, sync_context, unwrap
     from .logs import progress
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,23 +234,24 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
             t0 = time.perf_counter()
             bar = progress(train_loader, desc=f"train epoch {epoch + 1}/{cfg.epochs}", unit="batch")
             for i, batch in enumerate(bar):
-                inputs = _to_device(batch, device, non_blocking)
-                y = batch["labels"].to(device, non_blocking=non_blocking)
-                with plan.autocast():
-                    logits = model(**inputs).logits
-                if loss_fn is None:
-                    loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                else:
-                    loss = loss_fn(logits.float(), y, inputs)
-                loss = loss / cfg.grad_accum_steps
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                stepping = (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(train_loader)
+                with sync_context(model, stepping):  # DDP: all-reduce gradients only when stepping
+                    inputs = _to_device(batch, device, non_blocking)
+                    y = batch["labels"].to(device, non_blocking=non_blocking)
+                    with plan.autocast():
+                        logits = model(**inputs).logits
+                    if loss_fn is None:
+                        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                    else:
+                        loss = loss_fn(logits.float(), y, inputs)
+                    loss = loss / cfg.grad_accum_steps
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
                 window.append(loss.item() * cfg.grad_accum_steps)
                 samples += len(y)
-                last = i + 1 == len(train_loader)
-                if (i + 1) % cfg.grad_accum_steps and not last:
+                if not stepping:
                     continue
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -254,15 +268,21 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if dist_ctx is not None:
+                    maybe_inject_failure(dist_ctx, step)
                 if step % cfg.log_every == 0:
-                    loss_curve.append({"step": step, "loss": float(np.mean(window))})
-                    bar.set_postfix(loss=f"{np.mean(window):.4f}")
+                    value = float(np.mean(window))
+                    if dist_ctx is not None:
+                        value = mean_across(dist_ctx, value)  # the loss over every rank's batches
+                    loss_curve.append({"step": step, "loss": value})
+                    bar.set_postfix(loss=f"{value:.4f}")
                     window = []
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
-            ev = evaluate(model, eval_loader, device, plan, desc=f"eval epoch {epoch + 1}")
+            ev = evaluate(unwrap(model), eval_loader, device, plan, desc=f"eval epoch {epoch + 1}",
+                          dist_ctx=dist_ctx)
             epochs.append({"epoch": epoch + 1, "train_time_s": round(epoch_time, 3),
                            "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
             log.info("epoch %d/%d: %.1fs, eval accuracy %.4f, eval loss %.4f", epoch + 1, cfg.epochs,
@@ -271,7 +291,12 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
                 best = {"accuracy": ev["accuracy"], "epoch": epoch + 1,
                         "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
     if window:
-        loss_curve.append({"step": step, "loss": float(np.mean(window))})
+        value = float(np.mean(window))
+        if dist_ctx is not None:
+            value = mean_across(dist_ctx, value)
+        loss_curve.append({"step": step, "loss": value})
+    if dist_ctx is not None:
+        samples, train_time = reduce_throughput(dist_ctx, samples, train_time)
     final_accuracy = epochs[-1]["eval_accuracy"]
     if best["state"] is not None and best["epoch"] != cfg.epochs:
         model.load_state_dict(best["state"])
