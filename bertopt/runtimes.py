@@ -56,3 +56,170 @@ class TorchPredictor:
         if self.device != "cpu":
             torch.cuda.synchronize()
         return logits.float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+GRAPH_LEVELS = ("disable", "basic", "extended", "layout", "all")
+DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_ORT_INPUT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
+
+
+def _provider_name(p) -> str:
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+class OrtPredictor:
+    """An ONNX Runtime session over one .onnx file.
+
+    ``providers`` None = CPU only; pass e.g. ``DEVICE_PROVIDERS["cuda"]`` (names or (name, options)
+    pairs). A missing, truncated or corrupt file raises :class:`bertopt.errors.ModelError`; a
+    requested execution provider this onnxruntime build lacks raises BackendUnavailable."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path, name: str | None = None, providers=None, intra_op_threads: int | None = None,
+                 graph_optimization_level: str = "all", precision: str = "fp32"):
+        from pathlib import Path
+
+        import onnxruntime as ort
+
+        from .errors import BackendUnavailable, ConfigError, ModelError
+
+        self.path = Path(path)
+        if graph_optimization_level not in GRAPH_LEVELS:
+            raise ConfigError(f"graph optimization level must be one of {', '.join(GRAPH_LEVELS)} "
+                              f"(got {graph_optimization_level!r})")
+        providers = list(providers or DEVICE_PROVIDERS["cpu"])
+        available = set(ort.get_available_providers())
+        missing = [_provider_name(p) for p in providers if _provider_name(p) not in available]
+        if missing:
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} here has no {', '.join(missing)} (available: "
+                f"{', '.join(sorted(available))}); install onnxruntime-gpu (requirements-gpu.txt) on a CUDA machine")
+        if not self.path.is_file():
+            raise ModelError(f"ONNX file not found: {self.path} (run `python onnx_tensorrt.py` to create it)")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, {
+            "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+            "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}[graph_optimization_level])
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        opts.log_severity_level = 3  # errors only; session problems surface as exceptions
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented, ...
+            text = str(exc).strip()
+            first = text.splitlines()[0][:300] if text else type(exc).__name__
+            if "protobuf" in text.lower() or "invalid_protobuf" in text.lower() or self.path.stat().st_size == 0:
+                reason = "the file is corrupt or truncated"
+            else:
+                reason = "the model cannot run with this onnxruntime build"
+            raise ModelError(f"cannot load {self.path}: {first} ({reason}; re-create it with "
+                             "`python onnx_tensorrt.py --force`)") from None
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else "cpu"
+        self.precision = precision
+        parts = self.path.name.split(".")  # model.onnx -> fp32, model.int8.onnx -> int8
+        self.name = name or f"ort-{parts[1] if len(parts) == 3 else 'fp32'}"
+        inputs = self.session.get_inputs()
+        self.input_names = tuple(i.name for i in inputs)
+        self._input_dtypes = {i.name: _ORT_INPUT_DTYPES.get(i.type, np.int64) for i in inputs}
+        self.output_names = [self.session.get_outputs()[0].name]
+
+    def predict_logits(self, batch):
+        from .errors import ModelError
+
+        missing = [n for n in self.input_names if n not in batch]
+        if missing:
+            raise ModelError(f"{self.path.name} needs input(s) {', '.join(missing)} that the batch lacks")
+        feed = {n: np.ascontiguousarray(batch[n], dtype=self._input_dtypes[n]) for n in self.input_names}
+        out = self.session.run(self.output_names, feed)[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- TensorRT
+class TensorRTPredictor:
+    """A TensorRT engine (``.plan``) run on torch CUDA tensors; see :mod:`bertopt.tensorrt`.
+
+    Refuses a plan whose manifest records a different TensorRT version or GPU (engines are not
+    portable). Imports tensorrt lazily; without CUDA or tensorrt it raises BackendUnavailable."""
+
+    backend = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, plan_path, name: str | None = None, precision: str | None = None,
+                 check_manifest: bool = True, device: str = "cuda"):
+        from pathlib import Path
+
+        from . import tensorrt as trt_mod
+
+        self.path = Path(plan_path)
+        self.runner = trt_mod.EngineRunner(self.path, check_manifest=check_manifest, device=device)
+        if precision is None:  # model.<precision>.plan
+            parts = self.path.name.split(".")
+            precision = parts[1] if len(parts) == 3 else "fp32"
+        self.precision = precision
+        self.name = name or f"trt-{self.precision}"
+        self.input_names = self.runner.input_names
+
+    def predict_logits(self, batch):
+        return self.runner.run(batch)
+
+
+# ----------------------------------------------------------------------------- factory
+def _variant_from_manifest(directory, variant):
+    from . import artifacts
+
+    manifest = artifacts.read_manifest(directory)
+    if manifest and manifest.get("stage") == "onnx":
+        return manifest.get("metrics", {}).get("variants", {}).get(variant)
+    return None
+
+
+def load_predictor(onnx_dir_or_model_dir, variant: str, device: str = "cpu", threads: int | None = None):
+    """The Predictor for ``variant`` of a stage directory.
+
+    - ``torch`` (or ``torch-fp32``/``torch-fp16``/``torch-bf16``): a save_pretrained model directory;
+    - ``fp32|opt|int8|int4|fp16|qdq`` (optionally ``ort-`` prefixed): a file of an ONNX stage dir
+      (``saved_models/onnx/<source>``); ``device`` cpu, cuda or tensorrt (execution provider);
+    - ``trt-fp32|trt-fp16|trt-int8``: a plan of a TensorRT stage dir (``saved_models/tensorrt/<source>``).
+    """
+    from pathlib import Path
+
+    from . import export
+    from .errors import ConfigError, MissingArtifact, ModelError
+
+    directory = Path(onnx_dir_or_model_dir)
+    v = variant.lower()
+    if v == "torch" or v.startswith("torch-"):
+        precision = v.split("-", 1)[1] if "-" in v else "fp32"
+        if not (directory / "config.json").is_file():
+            raise ModelError(f"{directory} is not a model directory (no config.json)")
+        dev = "cuda" if device.startswith("cuda") else "cpu"
+        return TorchPredictor(str(directory), name=f"torch-{precision}", device=dev, precision=precision,
+                              threads=threads)
+    if v.startswith("trt-"):
+        precision = v[4:]
+        plan = directory / f"model.{precision}.plan"
+        if not plan.is_file():
+            raise MissingArtifact(plan, "python onnx_tensorrt.py  # on an NVIDIA GPU with tensorrt installed")
+        return TensorRTPredictor(plan, name=v, precision=precision)
+    v = v[4:] if v.startswith("ort-") else v
+    if v not in export.VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r} (torch, {', '.join(export.VARIANTS)}, trt-fp32, "
+                          "trt-fp16, trt-int8)")
+    file, precision, _ = export.VARIANTS[v]
+    info = _variant_from_manifest(directory, v)
+    if info:
+        file, precision = info.get("file") or file, info.get("precision") or precision
+    path = directory / file
+    if not path.is_file():
+        raise MissingArtifact(path, "python onnx_tensorrt.py")
+    if device not in DEVICE_PROVIDERS:
+        raise ConfigError(f"device must be one of {', '.join(DEVICE_PROVIDERS)} (got {device!r})")
+    return OrtPredictor(path, name=f"ort-{v}", providers=DEVICE_PROVIDERS[device], intra_op_threads=threads,
+                        precision=precision)

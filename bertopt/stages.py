@@ -97,7 +97,30 @@ PRUNE = Stage("prune", "prune.py",
               enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
               or getattr(ns, "target_layers", None) is not None)
 
-STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE]
+def _run_onnx_tensorrt(cfg):
+    from .onnx_stage import run
+
+    return run(cfg)
+
+
+def add_onnx_tensorrt_args(parser):
+    from .onnx_stage import add_args
+
+    add_args(parser)
+
+
+def build_onnx_tensorrt(ns):
+    from .onnx_stage import build_config
+
+    return build_config(ns)
+
+
+ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
+                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), TensorRT engines "
+                      "(skipped without an NVIDIA GPU)",
+                      add_onnx_tensorrt_args, build_onnx_tensorrt, _run_onnx_tensorrt)
+
+STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT]
 
 
 def by_name() -> dict[str, Stage]:
