@@ -125,3 +125,38 @@ STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT]
 
 def by_name() -> dict[str, Stage]:
     return {s.name: s for s in STAGES}
+
+
+# ---- AWS (optional; keep these last: the deploy reads compare.py's recommendation) ----
+def _aws_stage(name):
+    def add_args(parser):
+        from .aws import config
+
+        (config.add_deploy_args if name == "aws_deploy" else config.add_cleanup_args)(parser)
+
+    def build(ns):
+        from .aws import config
+
+        return config.build_deploy(ns) if name == "aws_deploy" else config.build_cleanup(ns)
+
+    def run(cfg):
+        from .aws import cleanup, deploy
+
+        return (deploy if name == "aws_deploy" else cleanup).run(cfg)
+
+    def enabled(ns):
+        from .aws import config
+
+        return (config.deploy_enabled if name == "aws_deploy" else config.cleanup_enabled)(ns)
+
+    return add_args, build, run, enabled
+
+
+_DEPLOY, _CLEANUP = _aws_stage("aws_deploy"), _aws_stage("aws_cleanup")
+AWS_DEPLOY = Stage("aws_deploy", "aws_deploy.py",
+                   "SageMaker endpoint for the recommended model (enabled by --aws_account_id / --aws_role_arn)",
+                   *_DEPLOY[:3], optional=True, enabled_by=_DEPLOY[3])
+AWS_CLEANUP = Stage("aws_cleanup", "aws_cleanup.py",
+                    "delete every AWS resource the deploy created (enabled by --cleanup_aws)",
+                    *_CLEANUP[:3], optional=True, enabled_by=_CLEANUP[3])
+STAGES += [AWS_DEPLOY, AWS_CLEANUP]

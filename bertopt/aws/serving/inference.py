@@ -1,0 +1,242 @@
+"""SageMaker inference handler for bertopt models (shipped as ``code/inference.py`` in model.tar.gz).
+
+The Hugging Face inference container (SageMaker Hugging Face Inference Toolkit) calls
+``model_fn`` once, then ``input_fn`` -> ``predict_fn`` -> ``output_fn`` per request; the local
+endpoint (``aws_deploy.py --local``) calls the same four functions from the same archive.
+
+Request:  ``{"inputs": "text"}`` or ``{"inputs": ["t1", "t2"]}`` (application/json), or one text
+          per line (text/csv; quote a text that spans lines).
+Response: one ``{"label": "positive", "score": 0.97}`` per input text, as a JSON list.
+Limits:   at most ``max_batch`` texts and ``max_chars`` characters per text (serving.json, or the
+          BERTOPT_MAX_BATCH / BERTOPT_MAX_CHARS environment variables of the model).
+
+Request errors raise :class:`RequestError` (a ValueError with an HTTP ``status`` and a JSON
+``body()``). The local endpoint answers with that status; the SageMaker toolkit turns every
+handler exception into a 400 whose message is ``str(error)``.
+
+Tokenization, batching and the ONNX Runtime / PyTorch predictors are the project's own
+(bertopt.data, bertopt.runtimes). Inside the archive they are vendored beside this file as the
+``bertopt_runtime`` package (copied at packaging time), so the container needs no bertopt install.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import threading
+
+import numpy as np
+
+try:  # inside model.tar.gz: code/ is on sys.path and holds the vendored copy
+    from bertopt_runtime import data as _data
+    from bertopt_runtime import runtimes as _runtimes
+except ImportError:  # in the project tree (tests, development)
+    from bertopt import data as _data
+    from bertopt import runtimes as _runtimes
+
+log = logging.getLogger("bertopt.serving")
+
+SETTINGS_FILE = "serving.json"
+JSON = "application/json"
+CSV = "text/csv"
+DEFAULTS = {"max_batch": 64, "max_chars": 10000, "max_length": 128}
+ENV = {"max_batch": "BERTOPT_MAX_BATCH", "max_chars": "BERTOPT_MAX_CHARS", "max_length": "BERTOPT_MAX_LENGTH"}
+
+
+class RequestError(ValueError):
+    """A request the handler refuses: ``status`` is the HTTP status (400, 406, 413, 415)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def body(self) -> str:
+        return json.dumps({"error": self.message, "status": self.status})
+
+
+class ServingModel:
+    """What model_fn returns: tokenizer + predictor + labels + request limits."""
+
+    def __init__(self, tokenizer, predictor, label_names, max_length, max_batch, max_chars, info=None):
+        self.tokenizer = tokenizer
+        self.predictor = predictor
+        self.label_names = list(label_names)
+        self.max_length = int(max_length)
+        self.max_batch = int(max_batch)
+        self.max_chars = int(max_chars)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.with_token_type_ids = "token_type_ids" in tuple(getattr(predictor, "input_names", ()))
+        self.info = dict(info or {})
+        self.lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
+
+
+# ------------------------------------------------------------------------------------ settings
+def load_settings(model_dir: str) -> dict:
+    """serving.json written by the packager, then environment overrides."""
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    settings = dict(DEFAULTS)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            settings.update(json.load(fh))
+    for key, var in ENV.items():
+        if os.environ.get(var):
+            settings[key] = int(os.environ[var])
+    return settings
+
+
+def _label_names(model_dir: str, settings: dict, num_labels: int | None = None) -> list[str]:
+    if settings.get("label_names"):
+        return list(settings["label_names"])
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            id2label = json.load(fh).get("id2label") or {}
+        return [id2label[k] for k in sorted(id2label, key=int)]
+    except (OSError, ValueError, KeyError):
+        return [f"LABEL_{i}" for i in range(num_labels or 2)]
+
+
+def _providers(settings: dict):
+    """ONNX Runtime providers: BERTOPT_PROVIDERS (comma-separated) or CUDA first where the archive
+    targets a GPU and the CUDA provider is installed; CPU otherwise."""
+    env = os.environ.get("BERTOPT_PROVIDERS")
+    if env:
+        return [p.strip() for p in env.split(",") if p.strip()]
+    if settings.get("device") == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return None  # CPU
+
+
+def _threads():
+    value = os.environ.get("BERTOPT_THREADS")
+    return int(value) if value else None
+
+
+def _make_predictor(model_dir: str, settings: dict):
+    backend = settings.get("backend", "onnxruntime")
+    name = settings.get("variant")
+    if backend == "onnxruntime":
+        path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
+        return _runtimes.OrtPredictor(path, name=name, providers=_providers(settings),
+                                      intra_op_threads=_threads(), precision=settings.get("precision", "fp32"))
+    if backend == "torch":
+        device = "cpu"
+        if settings.get("device") == "cuda":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision = settings.get("precision") or "fp32"
+        if device == "cpu" and precision == "fp16":  # no fast fp16 math on CPUs
+            precision = "fp32"
+        return _runtimes.TorchPredictor(model_dir, name=name or f"torch-{precision}", device=device,
+                                        precision=precision, threads=_threads())
+    raise ValueError(f"{SETTINGS_FILE}: unknown backend {backend!r} (expected onnxruntime or torch)")
+
+
+# ---------------------------------------------------------------------------------- the hooks
+def model_fn(model_dir, context=None):
+    """Load tokenizer + predictor from the extracted model.tar.gz directory."""
+    from transformers import AutoTokenizer
+
+    settings = load_settings(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predictor = _make_predictor(model_dir, settings)
+    model = ServingModel(tokenizer, predictor, _label_names(model_dir, settings), settings["max_length"],
+                         settings["max_batch"], settings["max_chars"],
+                         info={k: settings.get(k) for k in ("variant", "backend", "precision", "source")})
+    log.info("loaded %s (%s, %s) labels %s, max batch %d, max chars %d", settings.get("variant"),
+             settings.get("backend"), settings.get("precision"), model.label_names, model.max_batch,
+             model.max_chars)
+    return model
+
+
+def _media_type(value) -> str:
+    return str(value or "").split(";")[0].strip().lower()
+
+
+def _as_text(input_data) -> str:
+    if isinstance(input_data, (bytes, bytearray)):
+        try:
+            return bytes(input_data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(400, "request body is not valid UTF-8") from None
+    if isinstance(input_data, str):
+        return input_data
+    raise RequestError(400, f"unsupported request body type {type(input_data).__name__}")
+
+
+def _check_texts(texts) -> list[str]:
+    if not texts:
+        raise RequestError(400, "no input texts (send {\"inputs\": \"text\"} or {\"inputs\": [\"t1\", \"t2\"]})")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise RequestError(400, f"input {i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise RequestError(400, f"input {i} is empty")
+    return list(texts)
+
+
+def input_fn(input_data, content_type):
+    """Request body -> list of texts. JSON: {"inputs": str | [str, ...]}; CSV: one text per line."""
+    media = _media_type(content_type)
+    if media == JSON:
+        text = _as_text(input_data)
+        if not text.strip():
+            raise RequestError(400, "empty request body")
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RequestError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        if not isinstance(payload, dict) or "inputs" not in payload:
+            raise RequestError(400, "expected a JSON object with an \"inputs\" key")
+        inputs = payload["inputs"]
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        elif not isinstance(inputs, list):
+            raise RequestError(400, "\"inputs\" must be a string or a list of strings")
+        return _check_texts(inputs)
+    if media == CSV:
+        text = _as_text(input_data)
+        try:
+            rows = list(csv.reader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise RequestError(400, f"malformed CSV: {exc}") from None
+        # one text per row; unquoted commas split a row into fields, so join them back
+        return _check_texts([",".join(row) for row in rows if any(field.strip() for field in row)])
+    if not media:
+        raise RequestError(415, f"missing Content-Type (use {JSON} or {CSV})")
+    raise RequestError(415, f"unsupported Content-Type {media!r} (use {JSON} or {CSV})")
+
+
+def predict_fn(data, model: ServingModel):
+    """Texts -> [{"label": ..., "score": ...}] with the project's tokenization, padding and predictor."""
+    texts = list(data)
+    if len(texts) > model.max_batch:
+        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {model.max_batch}")
+    for i, t in enumerate(texts):
+        if len(t) > model.max_chars:
+            raise RequestError(413, f"input {i} has {len(t)} characters; the limit is {model.max_chars}")
+    with model.lock:
+        seqs = _data.tokenize(texts, model.tokenizer, model.max_length)
+    batch = _data.pad_batch(seqs, model.pad_id, model.with_token_type_ids)
+    logits = np.asarray(model.predictor.predict_logits(batch), dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    best = probs.argmax(axis=1)
+    names = model.label_names
+    return [{"label": names[k] if k < len(names) else f"LABEL_{k}", "score": round(float(probs[i, k]), 6)}
+            for i, k in enumerate(best)]
+
+
+def output_fn(prediction, accept):
+    """Predictions -> JSON text (the only response type)."""
+    types = [_media_type(t) for t in str(accept or "").split(",") if t.strip()]
+    if types and not any(t in (JSON, "*/*", "application/*") for t in types):
+        raise RequestError(406, f"unsupported Accept {accept!r} (responses are {JSON})")
+    return json.dumps(prediction)
