@@ -89,8 +89,8 @@ def tiny_data_dir(tmp_path_factory) -> str:
 def tiny_train_config(tiny_model_dir, tiny_data_dir, output_dir, **overrides):
     from bertopt.config import TrainConfig
 
-    kwargs = dict(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(output_dir), epochs=2,
-                  batch_size=16, max_length=64, lr=3e-3, warmup_ratio=0.0, seed=0, device="cpu", quiet=True)
+    kwargs = dict(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(output_dir), epochs=3,
+                  batch_size=16, max_length=64, lr=1e-2, warmup_ratio=0.0, seed=0, device="cpu", quiet=True)
     kwargs.update(overrides)
     return TrainConfig(**kwargs)
 
