@@ -70,12 +70,64 @@ def stage_logging(stage: str, directory: str | os.PathLike | None):
             handler.close()
 
 
+class _LogProgress:
+    """Progress for non-terminal runs (CI, nohup): a log line every 10% and at most every 60 s."""
+
+    def __init__(self, iterable=None, desc="", total=None, unit="it", **_):
+        import time
+
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.postfix, self._clock = 0, "", time.monotonic
+        self._start = self._last = self._clock()
+        self._next_pct = 10
+
+    def _maybe_log(self):
+        now = self._clock()
+        pct = 100 * self.n / self.total if self.total else None
+        if (pct is not None and pct >= self._next_pct) or now - self._last >= 60:
+            rate = self.n / max(now - self._start, 1e-9)
+            where = f"{self.n}/{self.total} ({pct:.0f}%)" if pct is not None else f"{self.n}"
+            logging.getLogger("bertopt.progress").info("%s: %s %s, %.1f %s/s%s", self.desc, where, self.unit,
+                                                       rate, self.unit, f", {self.postfix}" if self.postfix else "")
+            self._last = now
+            while pct is not None and self._next_pct <= pct:
+                self._next_pct += 10
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        self._maybe_log()
+
+    def set_postfix(self, **kw):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def set_description(self, desc):
+        self.desc = desc
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def progress(iterable=None, **kwargs):
-    """A tqdm bar; silent when --quiet or when stderr is not a terminal."""
+    """A tqdm bar on a terminal; periodic log lines otherwise; nothing with --quiet."""
     from tqdm.auto import tqdm
 
-    disable = _state["quiet"] or not sys.stderr.isatty()
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+    if _state["quiet"]:
+        return tqdm(iterable, disable=True, **kwargs)
+    if not sys.stderr.isatty():
+        return _LogProgress(iterable, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
 
 
 def is_quiet() -> bool:
