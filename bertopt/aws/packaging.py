@@ -74,12 +74,12 @@ class ArchiveInfo:
 
 
 # ------------------------------------------------------------------------------- model choice
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, length: int = 16) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:length]
 
 
 def _config_labels(model_dir: Path) -> list:
@@ -342,12 +342,6 @@ def requirements(choice: ModelChoice, gpu: bool) -> list[str]:
     return []
 
 
-def _requirement_name(req: str) -> str:
-    from packaging.requirements import Requirement
-
-    return Requirement(req).name
-
-
 def check_wheels(directory: str, reqs: list[str], python: str) -> list[Path]:
     """The wheels of ``directory``; ConfigError when a requirement has no wheel there."""
     from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
@@ -487,18 +481,10 @@ def build_archive(choice: ModelChoice, cfg, dest: Path) -> ArchiveInfo:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    info = ArchiveInfo(dest, _full_digest(dest), dest.stat().st_size, [n for n, _ in members])
+    info = ArchiveInfo(dest, _file_digest(dest, 64), dest.stat().st_size, [n for n, _ in members])
     log.info("packaged %s (%s, %.1f MB, %d files): %s", dest, choice.variant, info.size_bytes / 1e6,
              len(info.members), ", ".join(info.members))
     return info
-
-
-def _full_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:

@@ -25,14 +25,18 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 
 import numpy as np
 
-try:  # inside model.tar.gz: code/ is on sys.path and holds the vendored copy
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isdir(os.path.join(_HERE, "bertopt_runtime")):  # inside model.tar.gz: the vendored copy
+    if _HERE not in sys.path:  # the SageMaker toolkit puts code/ first on sys.path; be robust if not
+        sys.path.insert(0, _HERE)
     from bertopt_runtime import data as _data
     from bertopt_runtime import runtimes as _runtimes
-except ImportError:  # in the project tree (tests, development)
+else:  # in the project tree (tests, development)
     from bertopt import data as _data
     from bertopt import runtimes as _runtimes
 
