@@ -123,6 +123,31 @@ ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
 STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT]
 
 
+def _run_compare(cfg):
+    from .compare_stage import run
+
+    return run(cfg)
+
+
+def add_compare_args(parser):
+    from .compare_stage import add_compare_args as add
+
+    add(parser)
+
+
+def build_compare(ns):
+    from .compare_stage import build_compare as build
+
+    return build(ns)
+
+
+COMPARE = Stage("compare", "compare.py",
+                "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
+                "write reports/results.json and the HTML report",
+                add_compare_args, build_compare, _run_compare)
+STAGES.append(COMPARE)
+
+
 def by_name() -> dict[str, Stage]:
     return {s.name: s for s in STAGES}
 

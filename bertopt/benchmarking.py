@@ -1,0 +1,331 @@
+"""Measurement: timing statistics, the interleaved round-robin protocol, FLOP counting, the
+machine's matmul peak, and peak memory of a fresh process running one variant.
+
+Everything here is independent of *what* is measured: compare_stage.py builds the workloads
+(tokenize + predict closures) and hands them to these functions. Timing is never asserted in
+tests; the statistics and the protocol are (with synthetic clocks and timings).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("bertopt.benchmarking")
+
+PERCENTILES = (50, 90, 99)
+
+
+# ----------------------------------------------------------------------------- statistics
+def percentiles(values: Sequence[float], qs: Iterable[int] = PERCENTILES, scale: float = 1.0) -> dict:
+    """p50/p90/p99 (linear interpolation between order statistics), mean, min, max and n of
+    ``values`` multiplied by ``scale`` (e.g. 1000 for seconds -> ms). Empty input -> None."""
+    arr = np.asarray(list(values), dtype=float) * scale
+    if arr.size == 0:
+        return None
+    out = {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+    out.update(mean=float(arr.mean()), min=float(arr.min()), max=float(arr.max()), n=int(arr.size))
+    return out
+
+
+def spread(values: Sequence[float], scale: float = 1.0, keep_values: bool = True) -> dict | None:
+    """Median with min-max range (the form every repeated measurement is reported in)."""
+    arr = np.asarray(list(values), dtype=float) * scale
+    if arr.size == 0:
+        return None
+    out = {"median": float(np.median(arr)), "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size)}
+    if keep_values:
+        out["values"] = [float(v) for v in arr]
+    return out
+
+
+def rates(count: float, seconds: Sequence[float]) -> list[float]:
+    """Per-repeat throughput: ``count`` items per measured duration."""
+    return [count / s if s > 0 else float("inf") for s in seconds]
+
+
+# ----------------------------------------------------------------------------- protocol
+def round_robin_order(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """The order variants run in, round by round: every round runs each variant once, and the
+    starting variant rotates so that no variant is always first (or always right after a
+    particular neighbour's cache pollution) while the machine drifts."""
+    names = list(names)
+    n = len(names)
+    if n == 0:
+        return [[] for _ in range(rounds)]
+    return [names[r % n:] + names[:r % n] for r in range(rounds)]
+
+
+def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                    clock: Callable[[], float] = time.perf_counter,
+                    timers: Optional[Mapping[str, Callable[[Callable[[], object]], float]]] = None,
+                    progress: Optional[Callable[[str, int], None]] = None) -> dict[str, list[float]]:
+    """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
+    round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
+    task, in the order they were taken.
+
+    ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
+    is timed with ``clock``. ``progress(name, round)`` is called after each recorded call."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    timers = timers or {}
+
+    def timed(name):
+        fn = tasks[name]
+        if name in timers:
+            return float(timers[name](fn))
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    names = list(tasks)
+    for order in round_robin_order(names, warmup):
+        for name in order:
+            timed(name)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for r, order in enumerate(round_robin_order(names, repeats)):
+        for name in order:
+            results[name].append(timed(name))
+            if progress:
+                progress(name, r)
+    return results
+
+
+class CudaTimer:
+    """Times one call with CUDA events after synchronising (GPU work is asynchronous)."""
+
+    def __init__(self, device: str = "cuda"):
+        self.device = device
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _cfg(config, *names, default=None):
+    for n in names:
+        v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def model_shape(config) -> dict:
+    """hidden / layers / intermediate / labels of a BERT-family config (dict or PretrainedConfig)."""
+    hidden = int(_cfg(config, "hidden_size", "dim", "d_model"))
+    labels = _cfg(config, "num_labels")
+    if labels is None:
+        id2label = _cfg(config, "id2label")
+        labels = len(id2label) if id2label else 2
+    return {
+        "hidden": hidden,
+        "layers": int(_cfg(config, "num_hidden_layers", "n_layers", "num_layers")),
+        "intermediate": int(_cfg(config, "intermediate_size", "hidden_dim", default=4 * hidden)),
+        "labels": int(labels),
+        "has_pooler": _cfg(config, "model_type", default="bert") not in ("distilbert",),
+    }
+
+
+def sequence_flops(shape: Mapping, length: int) -> float:
+    """FLOPs (a multiply-add = 2) of one forward pass over one sequence of ``length`` tokens:
+    per layer Q/K/V and output projections 8·L·H², the FFN 4·L·H·I, attention scores and the
+    weighted sum 4·L²·H; plus pooler 2·H² and classifier 2·H·C. Embedding look-ups, layer norms,
+    softmax and GELU are not counted (they are O(L·H), a few percent)."""
+    H, N, I, C = shape["hidden"], shape["layers"], shape["intermediate"], shape["labels"]
+    L = int(length)
+    per_layer = 8 * L * H * H + 4 * L * H * I + 4 * L * L * H
+    head = (2 * H * H if shape.get("has_pooler", True) else 0) + 2 * H * C
+    return float(N * per_layer + head)
+
+
+def forward_flops(config, lengths: Iterable[int]) -> float:
+    """Useful FLOPs of classifying sequences of the given (real, unpadded) token lengths."""
+    shape = model_shape(config)
+    return float(sum(sequence_flops(shape, L) for L in lengths))
+
+
+def efficiency(flops: float, seconds: float, peak_flops: float | None) -> dict:
+    """Achieved FLOP/s and its fraction of the measured peak."""
+    achieved = flops / seconds if seconds > 0 else float("nan")
+    return {"gflops": achieved / 1e9,
+            "fraction_of_peak": (achieved / peak_flops) if peak_flops else None}
+
+
+# ----------------------------------------------------------------------------- matmul peak
+def matmul_peak(threads: int | None = None, sizes: Sequence[int] = (1024, 2048), repeats: int = 5,
+                device: str = "cpu", dtype: str = "float32") -> dict:
+    """This machine's measured dense matmul rate: the best of ``repeats`` timed square matmuls at
+    each size (torch's BLAS, same thread count as the benchmarks). Returned in GFLOP/s."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    tdtype = getattr(torch, dtype)
+    runs = []
+    for n in sizes:
+        a = torch.randn(n, n, dtype=tdtype, device=device)
+        b = torch.randn(n, n, dtype=tdtype, device=device)
+        a @ b  # warm-up (allocations, BLAS thread pool)
+        best = math.inf
+        for _ in range(repeats):
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        runs.append({"n": n, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9})
+    peak = max(r["gflops"] for r in runs)
+    return {"gflops": peak, "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
+            "method": f"best of {repeats} torch.matmul calls of n x n {dtype} at n in {list(sizes)}",
+            "runs": runs}
+
+
+# ----------------------------------------------------------------------------- memory
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. On Linux from /proc (VmHWM belongs to the
+    address space, so it starts afresh at exec; getrusage's ru_maxrss would carry the parent's
+    peak over fork + exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return v if sys.platform == "darwin" else v * 1024
+
+
+def _import(dotted: str):
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def synthetic_batch(batch: int, seq: int, vocab_size: int = 30522, with_token_type_ids: bool = True,
+                    seed: int = 0, low: int = 1000) -> dict[str, np.ndarray]:
+    """A full (unpadded) batch of random token ids for model-only timing."""
+    rng = np.random.default_rng(seed)
+    lo = min(low, vocab_size // 2)  # skip the special/unused ids at the start of BERT vocabularies
+    ids = rng.integers(lo, vocab_size, size=(batch, seq), dtype=np.int64)
+    out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if with_token_type_ids:
+        out["token_type_ids"] = np.zeros_like(ids)
+    return out
+
+
+def probe_memory(spec: Mapping) -> dict:
+    """Runs IN the fresh process: build the predictor with ``spec['factory']`` and run one
+    ``batch`` x ``seq`` batch ``runs`` times; report load time and memory."""
+    import_start = time.perf_counter()
+    factory = _import(spec["factory"])
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    nvml = None
+    if cuda:
+        import torch
+
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            nvml_before = pynvml.nvmlDeviceGetMemoryInfo(nvml).used
+        except Exception:  # nvidia-ml-py missing or no NVML
+            nvml = None
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    predictor = factory(dict(spec["predictor"]))
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss_bytes()
+    batch = synthetic_batch(spec["batch"], spec["seq"], spec.get("vocab_size", 30522),
+                            spec.get("with_token_type_ids", True))
+    names = getattr(predictor, "input_names", None)
+    if names:
+        batch = {k: v for k, v in batch.items() if k in names}
+    for _ in range(int(spec.get("runs", 2))):
+        predictor.predict_logits(batch)
+    out = {
+        "import_s": round(t0 - import_start, 3),
+        "load_time_s": load_s,
+        "rss_before_load_mb": rss_before / 2**20,
+        "rss_after_load_mb": rss_loaded / 2**20,
+        "peak_rss_mb": _peak_rss_bytes() / 2**20,
+        "batch": [spec["batch"], spec["seq"]],
+    }
+    out["model_rss_mb"] = out["peak_rss_mb"] - out["rss_before_load_mb"]
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if nvml is not None:
+            import pynvml
+
+            out["nvml_used_mb"] = (pynvml.nvmlDeviceGetMemoryInfo(nvml).used - nvml_before) / 2**20
+    return out
+
+
+def fresh_process_memory(spec: Mapping, timeout: float = 900.0, env: Optional[Mapping] = None) -> dict:
+    """Peak memory and load time of a fresh Python process that only loads one variant and runs
+    it (so the parent's other models and allocator history do not count). ``spec`` holds
+    ``factory`` ("module:function" taking ``spec['predictor']``), ``predictor``, ``batch``,
+    ``seq``, ``device``. Returns the probe's dict, or ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", "bertopt.benchmarking", "--memory-probe", json.dumps(dict(spec))]
+    child_env = dict(os.environ, **(env or {}))
+    child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory probe timed out after {timeout:.0f}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"error": f"memory probe exited {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def _probe_main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--memory-probe":
+        print("usage: python -m bertopt.benchmarking --memory-probe SPEC_JSON", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import just to silence it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    result = probe_memory(json.loads(argv[1]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1:]))

@@ -1,0 +1,132 @@
+"""The HTML performance report: rendered with jinja2 from results.json ONLY, as one
+self-contained file (inline CSS and inline SVG figures; no scripts, no external resources)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from .. import artifacts
+from ..errors import PipelineError
+
+TEMPLATE = "template.html.j2"
+
+
+def _load(results_path: str | os.PathLike) -> dict:
+    path = Path(results_path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"no results file {path} (run `python compare.py` first)") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run "
+                            "`python compare.py --force`") from None
+    if not isinstance(results, dict) or "variants" not in results:
+        raise PipelineError(f"{path} is not a compare.py results file (no 'variants')")
+    return results
+
+
+def _missing(v) -> bool:
+    import jinja2
+
+    return v is None or isinstance(v, jinja2.Undefined) or (isinstance(v, float) and not math.isfinite(v))
+
+
+def _num(v, spec=".1f", none="–"):
+    if _missing(v):
+        return none
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _mb(v):
+    return None if _missing(v) else v / 2**20
+
+
+def headline(results: dict) -> Optional[dict]:
+    """The numbers the top of the page shows about the recommended variant."""
+    rec = results.get("recommendation")
+    if not rec:
+        return None
+    rows = {r["name"]: r for r in results["variants"]}
+    row = rows.get(rec["variant"])
+    if row is None:
+        return None
+    base = rows.get("torch-fp32") or {}
+    size_red = (base["size_bytes"] / row["size_bytes"]) if base.get("size_bytes") and row.get("size_bytes") else None
+    lat = (row.get("latency") or {}).get("e2e_ms") or {}
+    base_lat = (base.get("latency") or {}).get("e2e_ms") or {}
+    return {
+        "row": row, "rec": rec,
+        "speedup_vs_padded": row.get("speedup_vs_padded"),
+        "speedup_vs_fp32": row.get("speedup_vs_fp32"),
+        "accuracy_delta_pts": None if row.get("accuracy_delta") is None else 100 * row["accuracy_delta"],
+        "size_reduction": size_red,
+        "size_mb": _mb(row.get("size_bytes")), "base_size_mb": _mb(base.get("size_bytes")),
+        "p50_ms": lat.get("p50"), "base_p50_ms": base_lat.get("p50"),
+        "samples_per_s": ((row.get("throughput") or {}).get("samples_per_s") or {}).get("median"),
+    }
+
+
+def build_context(results: dict) -> dict:
+    from . import plots
+
+    figures = {
+        "throughput": plots.throughput_bars(results),
+        "latency": plots.latency_vs_batch(results),
+        "heatmap": plots.heatmaps(results),
+        "pareto": plots.pareto(results),
+        "radar": plots.radar(results),
+        "loss": plots.loss_curves(results),
+        "pruning": plots.pruning_sensitivity(results),
+    }
+    from markupsafe import Markup
+
+    figures = {k: (Markup(v) if v else None) for k, v in figures.items()}
+    env_items = [(k, v) for k, v in (results.get("environment") or {}).items() if v not in (None, "", [])]
+    return {
+        "r": results,
+        "figures": figures,
+        "head": headline(results),
+        "rows": results.get("variants", []),
+        "training": results.get("training") or {},
+        "env_items": env_items,
+        "pruning_json": (json.dumps(results["pruning"], indent=1)[:4000]
+                         if results.get("pruning") is not None else None),
+        "radar_span_pts": 100 * plots.RADAR_ACCURACY_SPAN,
+        "radar_max": plots.RADAR_MAX_VARIANTS,
+    }
+
+
+def render_html(results: dict) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    env.filters["mb"] = _mb
+    env.filters["pct"] = lambda v, spec=".1f": _num(None if _missing(v) else 100 * v, spec)
+    env.filters["get"] = lambda d, *keys: _dig(d, *keys)
+    return env.get_template(TEMPLATE).render(**build_context(results))
+
+
+def _dig(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Render ``performance_report.html`` (beside results.json unless ``out_path``) from the
+    results file alone. Returns the written path."""
+    results = _load(results_path)
+    out = Path(out_path) if out_path else Path(results_path).with_name("performance_report.html")
+    artifacts.atomic_write_text(out, render_html(results))
+    return out
