@@ -462,3 +462,20 @@ def test_persistent_throttling_is_reported_as_failed(aws, tmp_path, saved, capsy
     assert states == {"s3-bucket": "deleted", "s3-object": "deleted", "model": "deleted", "endpoint-config": "deleted",
                       "endpoint": "failed", "log-group": "deleted"}
 
+
+
+def test_image_from_an_ecr_repository_of_the_account(aws, tmp_path, saved):
+    from bertopt.aws import deploy as deploy_mod
+
+    ecr = client("ecr")
+    ecr.create_repository(repositoryName="bertopt-serving")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 1,
+                           "digest": "sha256:" + "0" * 64}, "layers": []}
+    ecr.put_image(repositoryName="bertopt-serving", imageManifest=json.dumps(manifest), imageTag="v1")
+    with pytest.raises(PipelineError, match="no such repository/image tag"):
+        deploy_mod.run(deploy_cfg(tmp_path, saved, repository_name="bertopt-serving:v2"))
+    assert inventory()["buckets"] == []  # checked before anything was created
+    deploy(tmp_path, saved, repository_name="bertopt-serving:v1")
+    model = client("sagemaker").describe_model(ModelName=inventory()["models"][0])
+    assert model["PrimaryContainer"]["Image"] == f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/bertopt-serving:v1"

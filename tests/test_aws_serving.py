@@ -309,6 +309,17 @@ def test_config_problems_name_the_flags():
     AwsDeployConfig(local=True)  # the local endpoint needs no AWS settings
 
 
+def test_pinned_images():
+    from bertopt.aws.config import dlc_image_uri
+
+    assert dlc_image_uri("eu-west-1", gpu=False) == ("763104351884.dkr.ecr.eu-west-1.amazonaws.com/"
+                                                     "huggingface-pytorch-inference:2.6.0-transformers5.5.3-cpu-py312-ubuntu22.04")
+    assert dlc_image_uri("af-south-1", gpu=True).startswith("626614931356.dkr.ecr.af-south-1.amazonaws.com/")
+    assert "-gpu-py312-cu124-" in dlc_image_uri("us-east-1", gpu=True)
+    assert dlc_image_uri("cn-north-1", gpu=False).startswith("727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/")
+    assert dlc_image_uri("xx-nowhere-1", gpu=False) is None  # the deploy then asks for --image-uri
+
+
 # --------------------------------------------------------------------------- local endpoint
 def test_local_endpoint_contract(served):
     url = served["endpoint"].url
