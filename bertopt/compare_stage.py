@@ -804,7 +804,8 @@ def run(cfg: CompareConfig) -> StageResult:
             torch.set_num_threads(threads_before)
         artifacts.atomic_write_json(reports / "results.json", results)
         outputs = _render_outputs(results, reports)
-        print(summary_table(results))
+        if not cfg.quiet:
+            print(summary_table(results))
         artifacts.write_manifest(reports, stage="compare", status="ok", config=cfg.to_dict(), fingerprint=fp,
                                  inputs=_input_digests(out), outputs=outputs,
                                  metrics={"recommendation": results.get("recommendation"),

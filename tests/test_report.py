@@ -324,3 +324,18 @@ def test_report_opens_in_headless_chromium(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, shot_height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width == 1280 and shot_height >= height > 2000
+
+
+def test_fusion_table_says_which_wins_where():
+    res = sample_results()
+    plain = json.loads(json.dumps([r for r in res["variants"] if r["name"] == "ort-opt"][0]))
+    plain["name"] = "ort-fp32"
+    for c in plain["sweep"]:  # the fused graph loses at batch 1, wins at larger batches
+        c["samples_per_s"]["median"] *= 1.25 if c["batch"] == 1 else 0.8
+    res["variants"].append(plain)
+    table = report.fusion_table(res)
+    assert table["batches"] == [1, 8, 32] and table["seqs"] == [32, 128]
+    assert table["grid"][0][0] == pytest.approx(0.8) and table["grid"][1][2] == pytest.approx(1.25)
+    html = report.render_html(res)
+    assert "Graph fusion: which wins where" in html and "0.80×" in html and "1.25×" in html
+    assert report.fusion_table(sample_results()) is None  # no ort-fp32 sweep: no table

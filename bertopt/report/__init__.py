@@ -72,6 +72,21 @@ def headline(results: dict) -> Optional[dict]:
     }
 
 
+def fusion_table(results: dict, a: str = "ort-opt", b: str = "ort-fp32") -> Optional[dict]:
+    """Per sweep cell, the throughput of ``a`` (graph-fused) over ``b`` (plain): which wins where."""
+    rows = {r["name"]: r for r in results.get("variants", [])}
+    ca = {(c["batch"], c["seq"]): c for c in (rows.get(a) or {}).get("sweep") or []}
+    cb = {(c["batch"], c["seq"]): c for c in (rows.get(b) or {}).get("sweep") or []}
+    cells = sorted(set(ca) & set(cb))
+    if not cells:
+        return None
+    batches = sorted({k[0] for k in cells})
+    seqs = sorted({k[1] for k in cells})
+    ratio = {k: ca[k]["samples_per_s"]["median"] / cb[k]["samples_per_s"]["median"] for k in cells}
+    return {"a": a, "b": b, "batches": batches, "seqs": seqs,
+            "grid": [[ratio.get((bt, sq)) for bt in batches] for sq in seqs]}
+
+
 def build_context(results: dict) -> dict:
     from . import plots
 
@@ -99,6 +114,7 @@ def build_context(results: dict) -> dict:
                          if results.get("pruning") is not None else None),
         "radar_span_pts": 100 * plots.RADAR_ACCURACY_SPAN,
         "radar_max": plots.RADAR_MAX_VARIANTS,
+        "fusion": fusion_table(results),
     }
 
 
