@@ -215,15 +215,20 @@ def guard(ctx: DistContext):
     except PipelineError:
         _state["failed"] = True
         raise
-    except BaseException as exc:
+    except Exception as exc:
         _state["failed"] = True
         if _is_collective_error(exc):
-            what = ("timed out waiting for the other ranks" if "timed out" in str(exc).lower()
-                    else "lost contact with the other ranks")
-            raise DistributedError(
-                f"rank {ctx.rank}: {what} ({_first_line(exc)}); another rank failed or stopped answering "
-                f"within {ctx.timeout_s:.0f}s (see its error above; {ENV_TIMEOUT} sets the timeout)") from None
+            if "timed out" in str(exc).lower():
+                msg = (f"rank {ctx.rank}: timed out waiting for the other ranks after {ctx.timeout_s:.0f}s "
+                       f"({_first_line(exc)}); another rank is stuck or failed ({ENV_TIMEOUT} sets the timeout)")
+            else:
+                msg = (f"rank {ctx.rank}: lost contact with the other ranks ({_first_line(exc)}); "
+                       "another rank failed: see its error above")
+            raise DistributedError(msg) from None
         log.error("rank %d failed: %s: %s", ctx.rank, type(exc).__name__, _first_line(exc))
+        raise
+    except BaseException:  # KeyboardInterrupt / SystemExit (torchrun forwards Ctrl-C to every rank)
+        _state["failed"] = True
         raise
 
 
