@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from bertopt import cli, logs
+from bertopt import cli, distributed, logs
 from bertopt.errors import ConfigError
 from bertopt.stages import STAGES, by_name
 
@@ -48,6 +48,7 @@ def select(ns) -> list:
 def main(argv=None) -> int:
     parser = build_parser()
     try:
+        distributed.refuse_under_torchrun("main.py")
         ns = cli.parse(parser, argv)
         if ns.list:
             for s in STAGES:

@@ -82,7 +82,11 @@ class _LogProgress:
         self._start = self._last = self._clock()
         self._next_pct = 10
 
+    silent = False
+
     def _maybe_log(self):
+        if self.silent:
+            return
         now = self._clock()
         pct = 100 * self.n / self.total if self.total else None
         if (pct is not None and pct >= self._next_pct) or now - self._last >= 60:
@@ -123,10 +127,10 @@ def progress(iterable=None, **kwargs):
     """A tqdm bar on a terminal; periodic log lines otherwise; nothing with --quiet."""
     from tqdm.auto import tqdm
 
-    if _state["quiet"]:
-        return tqdm(iterable, disable=True, **kwargs)
-    if not sys.stderr.isatty():
-        return _LogProgress(iterable, **kwargs)
+    if _state["quiet"] or not sys.stderr.isatty():
+        bar = _LogProgress(iterable, **kwargs)
+        bar.silent = _state["quiet"]
+        return bar
     return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
 
 
