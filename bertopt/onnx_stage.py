@@ -239,7 +239,8 @@ class Reference:
                                  cls_id=cls)
 
     def logits(self, predictor, batches, desc: str) -> list[np.ndarray]:
-        return [predictor.predict_logits(b) for b in progress(batches, desc=desc, unit="batch")]
+        loop = progress(batches, desc=desc, unit="batch") if len(batches) >= 20 else batches  # no bar for a few
+        return [predictor.predict_logits(b) for b in loop]
 
     @cached_property
     def torch_shape_logits(self):
@@ -538,7 +539,8 @@ def _summary(name: str, manifest: dict, trt_manifest: dict) -> str:
     if int8 and int8.get("accuracy_delta") is not None:
         bits.append(f"int8 {int8['size_pct_of_fp32']:.0f}% size, {int8['accuracy_delta'] * 100:+.2f} pt")
     trt_status = trt_manifest.get("status")
-    bits.append(f"tensorrt {trt_status}" + (f" ({trt_manifest.get('reason')})" if trt_status == "skipped" else ""))
+    short = str(trt_manifest.get("reason") or "").split(" (")[0].split(":")[0]
+    bits.append(f"tensorrt {trt_status}" + (f" ({short})" if trt_status == "skipped" and short else ""))
     return ", ".join(bits)
 
 
