@@ -110,6 +110,12 @@ class _LogProgress:
     def set_postfix(self, **kw):
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
 
+    def set_postfix_str(self, text="", refresh=True):
+        self.postfix = str(text)
+
+    def refresh(self):
+        self._maybe_log()
+
     def set_description(self, desc):
         self.desc = desc
 
