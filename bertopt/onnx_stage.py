@@ -32,6 +32,7 @@ log = logging.getLogger("bertopt.onnx_stage")
 STAGE = "onnx_tensorrt"
 OPTIONAL_VARIANTS = ("opt", "int8", "int4", "fp16", "qdq")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+QDQ_EXCLUDES = ("ffn-output", "none")
 MAX_TORCHSCRIPT_OPSET = 20  # the dynamo=False exporter's newest opset
 COPY_FILES = ("config.json", "labels.json", "generation_config.json")
 
@@ -45,12 +46,13 @@ class OnnxConfig(CommonConfig):
     variants: str = ",".join(OPTIONAL_VARIANTS)
     accuracy_budget: float = 0.01
     parity_tolerance: float = 1e-4
-    int8_per_channel: bool = False
+    int8_per_channel: bool = True
     int8_reduce_range: Optional[bool] = None  # None = auto (True only on x86 without VNNI)
     int4_block_size: int = 32
     calibration_samples: int = 256
     calibration_method: str = "minmax"
     qdq_per_channel: bool = True
+    qdq_exclude: str = "ffn-output"  # ffn-output = keep the feed-forward output MatMuls in float | none
     ort_threads: Optional[int] = None
     trt_min_shapes: str = "1x1"
     trt_opt_shapes: str = "8x128"
@@ -86,6 +88,8 @@ class OnnxConfig(CommonConfig):
         if self.calibration_method not in CALIBRATION_METHODS:
             p.append(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)} "
                      f"(got {self.calibration_method!r})")
+        if self.qdq_exclude not in QDQ_EXCLUDES:
+            p.append(f"--qdq-exclude must be one of {', '.join(QDQ_EXCLUDES)} (got {self.qdq_exclude!r})")
         if self.ort_threads is not None and self.ort_threads < 1:
             p.append(f"--ort-threads must be >= 1 (got {self.ort_threads})")
         bad = [x for x in self.trt_precision_list() if x not in trt_mod.PRECISIONS]
@@ -254,13 +258,23 @@ class Reference:
     def torch_accuracy(self) -> float:
         return accuracy(self.torch_eval_logits, self.eval_set[1])
 
-    def calibration_feeds(self, n: int, batch_size: int = 32) -> list[dict]:
-        """A seeded sample of training sentences, as length-grouped batches."""
+    def calibration_feeds(self, n: int, batch_size: int = 32, fixed_shape: bool = False) -> list[dict]:
+        """A seeded sample of training sentences, as length-grouped batches; ``fixed_shape`` pads
+        every batch to one width and drops a short last batch (histogram calibrators stack them)."""
+        from . import data
+
         train = self.splits.train
         rng = np.random.default_rng(int(self.data_cfg.get("seed", self.cfg.seed)))
         idx = rng.choice(len(train), size=min(n, len(train)), replace=False)
-        batches, _ = self._batches([train.texts[i] for i in sorted(idx)], batch_size)
-        return batches
+        texts = [train.texts[i] for i in sorted(idx)]
+        if not fixed_shape:
+            return self._batches(texts, batch_size)[0]
+        ids = data.tokenize(texts, self.tokenizer, self.max_length)
+        width = max(len(s) for s in ids)
+        with_tt = "token_type_ids" in self.input_names
+        usable = len(ids) - len(ids) % batch_size if len(ids) >= batch_size else len(ids)
+        return [data.pad_batch(ids[s:s + batch_size], self.tokenizer.pad_token_id or 0, with_tt, pad_to=width)
+                for s in range(0, usable, batch_size)]
 
 
 def accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float:
@@ -353,9 +367,10 @@ def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, bui
     if name == "fp16":
         return dict(ex.convert_fp16(src, dst), from_file=src.name)
     if name == "qdq":
-        feeds = ref.calibration_feeds(cfg.calibration_samples)
+        feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
         return dict(ex.quantize_qdq(src, dst, feeds, per_channel=cfg.qdq_per_channel,
-                                    method=cfg.calibration_method), from_file=src.name)
+                                    method=cfg.calibration_method,
+                                    exclude_ffn_output=cfg.qdq_exclude == "ffn-output"), from_file=src.name)
     raise ValueError(name)  # pragma: no cover
 
 
@@ -563,7 +578,7 @@ def add_args(parser) -> None:
     cli.add(g, "--parity-tolerance", type=float, metavar="X",
             help="max |Δlogits| allowed for FP32 variants vs PyTorch (default: 1e-4)")
     cli.add(g, "--int8-per-channel", action=argparse.BooleanOptionalAction, default=None,
-            help="per-channel weight scales for dynamic INT8 (default: off)")
+            help="per-channel weight scales for dynamic INT8 (default: on)")
     cli.add(g, "--int8-reduce-range", action=argparse.BooleanOptionalAction, default=None,
             help="7-bit INT8 weights (default: auto, on only for x86 CPUs without VNNI)")
     cli.add(g, "--int4-block-size", type=int, metavar="N", help="INT4 quantization block size (default: 32)")
@@ -572,6 +587,9 @@ def add_args(parser) -> None:
     cli.add(g, "--calibration-method", choices=CALIBRATION_METHODS, help="QDQ calibration (default: minmax)")
     cli.add(g, "--qdq-per-channel", action=argparse.BooleanOptionalAction, default=None,
             help="per-channel weight scales for QDQ (default: on)")
+    cli.add(g, "--qdq-exclude", choices=QDQ_EXCLUDES,
+            help="ffn-output (default): keep the feed-forward output MatMuls (GELU-fed, long-tailed "
+                 "activations) in float; none: quantize every MatMul")
     cli.add(g, "--ort-threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: ORT's)")
     cli.add(g, "--trt-min-shapes", metavar="BxS", help="TensorRT profile minimum batch x sequence (default: 1x1)")
     cli.add(g, "--trt-opt-shapes", metavar="BxS", help="TensorRT profile optimum (default: 8x128)")

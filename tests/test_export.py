@@ -312,3 +312,31 @@ def test_script_help_and_error_exit(tmp_path, capsys):
     assert onnx_tensorrt.main(["--output-dir", str(tmp_path), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "error: missing input" in err and "python benchmark.py" in err and "Traceback" not in err
+
+
+def test_ffn_output_matmuls_found_by_structure(exported, tmp_path):
+    model = onnx.load(str(exported / "model.onnx"))
+    found = ex.ffn_output_matmuls(model)
+    assert len(found) == 2 and all(n.endswith("output/dense/MatMul") and "attention" not in n for n in found)
+    ex.optimize(exported / "model.onnx", tmp_path / "opt.onnx", num_heads=4, hidden_size=32)
+    assert len(ex.ffn_output_matmuls(onnx.load(str(tmp_path / "opt.onnx")))) == 2  # fed by a fused BiasGelu
+
+
+def test_qdq_histogram_calibration_and_exclusion(exported, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from bertopt import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = data.tokenize(["a good film", "bad", "the acting was really quite dull", "great"], tok, 64)
+    feeds = [data.pad_batch(ids[i:i + 2], 0, True, pad_to=12) for i in (0, 2)]  # one shape for histograms
+    facts = ex.quantize_qdq(exported / "model.onnx", tmp_path / "q.onnx", feeds, method="percentile",
+                            exclude_ffn_output=True)
+    assert len(facts["nodes_to_exclude"]) == 2 and facts["calibration"] == "percentile"
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    excluded = [n for n in matmuls if n.name in facts["nodes_to_exclude"]]
+    others = [n for n in matmuls if n.name not in facts["nodes_to_exclude"]]
+    assert len(excluded) == 2 and all(producer.get(n.input[1]) != "DequantizeLinear" for n in excluded)
+    assert any(producer.get(n.input[1]) == "DequantizeLinear" for n in others)  # the rest is quantized
