@@ -207,3 +207,108 @@ def test_build_and_run_engines_on_gpu(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="outside the engine's profile"):
         TensorRTPredictor(trt_dir / "model.fp32.plan").predict_logits(
             ex.random_batches(("input_ids", "attention_mask", "token_type_ids"), [(32, 8)], 30522)[0])
+
+
+# ----------------------------------------------------------------------------- build calls (fake TensorRT)
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+
+def fake_tensorrt(rec: _Recorder, parse_ok=True, build_ok=True):
+    """Just enough of the tensorrt API for build_engine, recording what it is asked to do."""
+
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO = range(4)
+
+        def __init__(self):
+            pass
+
+    class Input:
+        def __init__(self, name):
+            self.name = name
+
+    class Network:
+        num_inputs = 3
+
+        def get_input(self, i):
+            return Input(("input_ids", "attention_mask", "token_type_ids")[i])
+
+    class Parser:
+        num_errors = 0 if parse_ok else 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            rec.calls.append(("parse", Path(path).name))
+            return parse_ok
+
+        def get_error(self, i):
+            return SimpleNamespace(desc=lambda: "Unsupported operator FooOp")
+
+    class Profile:
+        def set_shape(self, name, mn, opt, mx):
+            rec.calls.append(("shape", name, mn, opt, mx))
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            rec.calls.append(("workspace", size))
+
+        def set_flag(self, f):
+            rec.calls.append(("set_flag", f))
+
+        def clear_flag(self, f):
+            rec.calls.append(("clear_flag", f))
+
+        def add_optimization_profile(self, p):
+            rec.calls.append(("profile",))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            rec.calls.append(("network_flags", flags))
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"PLAN" if build_ok else None
+
+    return SimpleNamespace(ILogger=ILogger, Builder=Builder, OnnxParser=Parser,
+                           BuilderFlag=SimpleNamespace(TF32="TF32", FP16="FP16"),
+                           NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=3),
+                           MemoryPoolType=SimpleNamespace(WORKSPACE="WS"))
+
+
+def test_build_engine_sequence_with_fake_tensorrt(onnx_dir, tmp_path):
+    rec = _Recorder()
+    trt = fake_tensorrt(rec)
+    caps = trt_mod.capabilities(trt)
+    profile = trt_mod.make_profile("1x1", "8x128", None, max_length=128)
+    fp32 = trt_mod.build_engine(trt, trt_mod.precision_plan("fp32", caps, onnx_dir), tmp_path / "model.fp32.plan",
+                                profile, workspace_mb=256)
+    assert (tmp_path / "model.fp32.plan").read_bytes() == b"PLAN" and fp32["size_bytes"] == 4
+    assert ("network_flags", 1 << 3) in rec.calls and ("clear_flag", "TF32") in rec.calls
+    assert ("workspace", 256 << 20) in rec.calls and ("parse", "model.onnx") in rec.calls
+    assert ("shape", "attention_mask", (1, 1), (8, 128), (64, 128)) in rec.calls
+    rec.calls.clear()
+    (onnx_dir / "model.fp16.onnx").unlink()
+    weak = dict(caps, strongly_typed=False)
+    trt_mod.build_engine(trt, trt_mod.precision_plan("fp16", weak, onnx_dir), tmp_path / "model.fp16.plan",
+                         profile, 256)
+    assert ("set_flag", "FP16") in rec.calls and ("network_flags", 0) in rec.calls
+    with pytest.raises(ModelError, match="FooOp"):
+        trt_mod.build_engine(fake_tensorrt(rec, parse_ok=False), trt_mod.precision_plan("fp32", caps, onnx_dir),
+                             tmp_path / "x.plan", profile, 256)
+    with pytest.raises(ModelError, match="failed to build"):
+        trt_mod.build_engine(fake_tensorrt(rec, build_ok=False), trt_mod.precision_plan("fp32", caps, onnx_dir),
+                             tmp_path / "y.plan", profile, 256)
+    assert not (tmp_path / "y.plan").exists()
