@@ -23,7 +23,7 @@ import numpy as np
 from . import artifacts
 from . import export as ex
 from .cli import StageResult, print_config
-from .config import CommonConfig, flag
+from .config import CommonConfig
 from .errors import ConfigError, PipelineError
 from .logs import progress, stage_logging
 

@@ -3,7 +3,6 @@ compatibility check and the skip path. The engine build + run test needs CUDA an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
