@@ -66,24 +66,43 @@ def round_robin_order(names: Sequence[str], rounds: int) -> list[list[str]]:
 def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
                     clock: Callable[[], float] = time.perf_counter,
                     timers: Optional[Mapping[str, Callable[[Callable[[], object]], float]]] = None,
-                    progress: Optional[Callable[[str, int], None]] = None) -> dict[str, list[float]]:
+                    progress: Optional[Callable[[str, int], None]] = None, settle_s: float = 0.0,
+                    prime_below_s: Optional[float] = None,
+                    sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
+
+    Several runtimes in one process each keep a worker-thread pool that spins for a while after
+    a call; on a machine with few cores the previous variant's spinning threads would steal the
+    CPU from the next one (doubling batch-1 latencies on 2 cores). So when the variant changes
+    the CPU idles ``settle_s`` seconds first, and a call that took less than ``prime_below_s``
+    the previous time is preceded by one untimed call of the same task (its own pool awake,
+    caches warm; the first warm-up call needs no primer).
 
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
     is timed with ``clock``. ``progress(name, round)`` is called after each recorded call."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     timers = timers or {}
+    last = {"name": None}
+    took: dict[str, float] = {}
 
     def timed(name):
         fn = tasks[name]
+        if settle_s > 0 and last["name"] not in (None, name):
+            sleep(settle_s)
+        if prime_below_s is not None and name in took and took[name] < prime_below_s:
+            fn()
         if name in timers:
-            return float(timers[name](fn))
-        t0 = clock()
-        fn()
-        return clock() - t0
+            d = float(timers[name](fn))
+        else:
+            t0 = clock()
+            fn()
+            d = clock() - t0
+        last["name"] = name
+        took[name] = d
+        return d
 
     names = list(tasks)
     for order in round_robin_order(names, warmup):

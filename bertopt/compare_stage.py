@@ -42,10 +42,14 @@ TIE_TOLERANCE = 0.01  # scores within 1% of the best are run-to-run noise: ties
 EFFICIENCY_CELL = (32, 128)
 LATENCY_CELL = (1, 128)
 
+# settle_s: CPU idle time before a timed call when the variant changes (the previous runtime's
+# worker threads stop spinning); prime_below_s: calls shorter than this get one untimed call first
 FULL_PROTOCOL = {"repeats": 5, "warmup": 2, "latency_requests": 200, "sweep_batches": (1, 8, 32, 64),
-                 "sweep_seqs": (32, 64, 128, 256), "matmul_sizes": (1024, 2048), "max_eval_samples": None}
+                 "sweep_seqs": (32, 64, 128, 256), "matmul_sizes": (1024, 2048), "max_eval_samples": None,
+                 "settle_s": 0.1, "prime_below_s": 0.25}
 QUICK_PROTOCOL = {"repeats": 3, "warmup": 1, "latency_requests": 24, "sweep_batches": (1, 32),
-                  "sweep_seqs": (32, 128), "matmul_sizes": (1024,), "max_eval_samples": 200}
+                  "sweep_seqs": (32, 128), "matmul_sizes": (1024,), "max_eval_samples": 200,
+                  "settle_s": 0.02, "prime_below_s": 0.25}
 
 
 # ----------------------------------------------------------------------------- config
@@ -419,8 +423,8 @@ def single_request(predictor, tokenizer, text: str, *, max_length: int, with_tt:
 
 class LatencyTask:
     """Called once per round by the interleaved runner: the first ``warmup`` calls serve the
-    warm-up requests (unrecorded), recorded call r serves chunk r of the requests, timing each
-    request on its own."""
+    warm-up requests (unrecorded), recorded call r serves chunk r of the requests (after one
+    untimed primer request), timing each request on its own."""
 
     def __init__(self, fn, warm_texts, chunks, warmup: int):
         self.fn, self.warm_texts, self.chunks, self.warmup = fn, warm_texts, chunks, warmup
@@ -433,8 +437,10 @@ class LatencyTask:
             for t in self.warm_texts:
                 self.fn(t)
             return
+        chunk = self.chunks[i - self.warmup]
+        self.fn(chunk[0])  # untimed primer: wakes this runtime's threads after the variant switch
         e2e = []
-        for t in self.chunks[i - self.warmup]:
+        for t in chunk:
             total, model = self.fn(t)
             e2e.append(total)
             self.model.append(model)
@@ -935,7 +941,8 @@ def measure(cfg: CompareConfig) -> dict:
             p = preds[v.name]
             inputs = _inputs_for(p, batch)
             tasks[v.name] = (lambda p=p, inputs=inputs: p.predict_logits(inputs))
-        times = bm.run_interleaved(tasks, proto["repeats"], warmup=1, timers=timers_for(list(tasks)))
+        times = bm.run_interleaved(tasks, proto["repeats"], warmup=1, timers=timers_for(list(tasks)),
+                                   settle_s=proto["settle_s"], prime_below_s=proto["prime_below_s"])
         for v in sweep_rows:
             t = times[v.name]
             flops = bm.forward_flops(configs[v.source], [s] * b)
@@ -983,7 +990,7 @@ def measure(cfg: CompareConfig) -> dict:
     log.info("end to end: %d texts x %d variants x %d repeats", len(texts), len(live), proto["repeats"])
     bar = progress(total=len(live) * proto["repeats"], desc="end to end", unit="pass")
     e2e_times = bm.run_interleaved({v.name: e2e_task(v) for v in live}, proto["repeats"], warmup=0,
-                                   progress=lambda n, r: bar.update(1))
+                                   progress=lambda n, r: bar.update(1), settle_s=proto["settle_s"])
     bar.close()
     phase("end_to_end")
 
@@ -1001,7 +1008,7 @@ def measure(cfg: CompareConfig) -> dict:
                                                            with_tt=with_tt, pad_to=pad_to))
         lat_tasks[v.name] = LatencyTask(fn, warm_req, chunks, proto["warmup"])
     log.info("latency: %d single requests x %d variants", n_req, len(live))
-    bm.run_interleaved(lat_tasks, len(chunks), warmup=proto["warmup"])
+    bm.run_interleaved(lat_tasks, len(chunks), warmup=proto["warmup"], settle_s=proto["settle_s"])
     phase("latency")
 
     # ---- peak memory + load time, one fresh process per variant

@@ -90,6 +90,29 @@ def test_run_interleaved_records_only_timed_rounds_interleaved():
     assert firsts == ["fast", "slow", "fast", "slow"]
 
 
+def test_run_interleaved_settles_between_variants_and_primes_short_calls():
+    clock = FakeClock()
+    log, sleeps = [], []
+
+    def task(name, ms):
+        def go():
+            log.append(name)
+            clock.now += ms / 1000
+        return go
+
+    def sleep(s):
+        sleeps.append(s)
+        clock.now += s  # idle time passes but is never part of a measurement
+
+    times = bm.run_interleaved({"short": task("short", 5), "long": task("long", 500)}, repeats=2, warmup=1,
+                               clock=clock, settle_s=0.1, prime_below_s=0.25, sleep=sleep)
+    assert times == {"short": pytest.approx([0.005, 0.005]), "long": pytest.approx([0.5, 0.5])}
+    # warm-up: short, long | round 0: short, long | round 1: long, short -> the CPU idles at each of
+    # the 4 switches; timed short calls (5 ms < 250 ms) get one untimed call of their own first
+    assert log == ["short", "long", "short", "short", "long", "long", "short", "short"]
+    assert sleeps == [0.1] * 4
+
+
 def test_run_interleaved_custom_timer_and_progress():
     seen = []
     times = bm.run_interleaved({"x": lambda: None}, repeats=3, warmup=0,
