@@ -97,55 +97,27 @@ PRUNE = Stage("prune", "prune.py",
               enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
               or getattr(ns, "target_layers", None) is not None)
 
-def _run_onnx_tensorrt(cfg):
-    from .onnx_stage import run
+def _lazy(module: str, name: str):
+    """A function that imports ``bertopt.<module>`` only when called (keeps --help light)."""
+    def call(*args):
+        import importlib
 
-    return run(cfg)
+        return getattr(importlib.import_module(f"bertopt.{module}"), name)(*args)
 
-
-def add_onnx_tensorrt_args(parser):
-    from .onnx_stage import add_args
-
-    add_args(parser)
-
-
-def build_onnx_tensorrt(ns):
-    from .onnx_stage import build_config
-
-    return build_config(ns)
+    return call
 
 
 ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
                       "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), TensorRT engines "
                       "(skipped without an NVIDIA GPU)",
-                      add_onnx_tensorrt_args, build_onnx_tensorrt, _run_onnx_tensorrt)
-
-STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT]
-
-
-def _run_compare(cfg):
-    from .compare_stage import run
-
-    return run(cfg)
-
-
-def add_compare_args(parser):
-    from .compare_stage import add_compare_args as add
-
-    add(parser)
-
-
-def build_compare(ns):
-    from .compare_stage import build_compare as build
-
-    return build(ns)
-
-
+                      _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"))
 COMPARE = Stage("compare", "compare.py",
                 "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
                 "write reports/results.json and the HTML report",
-                add_compare_args, build_compare, _run_compare)
-STAGES.append(COMPARE)
+                _lazy("compare_stage", "add_compare_args"), _lazy("compare_stage", "build_compare"),
+                _lazy("compare_stage", "run"))
+
+STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
 
 
 def by_name() -> dict[str, Stage]:
