@@ -11,7 +11,7 @@ from bertopt.stages import BASELINE
 
 def main(argv=None) -> int:
     return cli.stage_main("benchmark", __doc__, TrainConfig, BASELINE.add_args,
-                          lambda cfg: BASELINE.run(cfg), argv, build=BASELINE.build_config)
+                          lambda cfg: BASELINE.run(cfg), argv, distributed_ok=True, build=BASELINE.build_config)
 
 
 if __name__ == "__main__":

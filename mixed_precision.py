@@ -12,7 +12,7 @@ from bertopt.stages import MIXED_PRECISION
 
 def main(argv=None) -> int:
     return cli.stage_main("mixed_precision", __doc__, TrainConfig, MIXED_PRECISION.add_args,
-                          lambda cfg: MIXED_PRECISION.run(cfg), argv, build=MIXED_PRECISION.build_config)
+                          lambda cfg: MIXED_PRECISION.run(cfg), argv, distributed_ok=True, build=MIXED_PRECISION.build_config)
 
 
 if __name__ == "__main__":

@@ -179,13 +179,18 @@ def run_stage(stage: str, run: Callable, cfg) -> tuple[int, Optional[StageResult
 
 
 def stage_main(stage: str, description: str, config_cls, add_args: Callable, run: Callable,
-               argv=None, epilog: str | None = None, build: Callable | None = None) -> int:
+               argv=None, epilog: str | None = None, build: Callable | None = None,
+               distributed_ok: bool = False) -> int:
     """The whole body of a stage script's main(): parse, configure logging, run, summarize."""
     parser = argparse.ArgumentParser(prog=f"{stage}.py",
                                      description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)
     try:
+        if not distributed_ok:  # only the training stages are data-parallel under torchrun
+            from .distributed import refuse_under_torchrun
+
+            refuse_under_torchrun(f"{stage}.py")
         ns = parse(parser, argv)
         cfg = build(ns) if build else build_config(config_cls, ns)
     except ConfigError as exc:
