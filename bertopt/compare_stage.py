@@ -828,14 +828,39 @@ def _loadavg() -> Optional[list]:
         return None
 
 
-def busy_warnings(load_start, load_end, cores: int) -> list[str]:
-    """A warning when other work competed for the CPU (1-minute load average above the core
-    count at the start or end): multi-threaded kernels then wait on descheduled threads and the
-    timings say more about the neighbours than about the variants."""
-    worst = max((l[0] for l in (load_start, load_end) if l), default=0.0)
-    if worst > cores:
-        return [f"the machine was busy during the measurement (1-minute load average up to {worst:.1f} on "
-                f"{cores} usable core(s)): timings are inflated and noisier than on an idle machine; "
+class CpuShare:
+    """CPU time other processes used while we measured, as a share of the whole machine
+    (system-wide busy time minus this process and its finished children)."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self.start = self._sample()
+
+    def _sample(self):
+        sys_t = self._psutil.cpu_times()
+        busy = sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)
+        me = self._psutil.Process().cpu_times()
+        mine = me.user + me.system + me.children_user + me.children_system
+        return time.perf_counter(), busy, mine
+
+    def others(self) -> float:
+        (t0, b0, m0), (t1, b1, m1) = self.start, self._sample()
+        capacity = (t1 - t0) * (self._psutil.cpu_count() or 1)
+        return max(0.0, ((b1 - b0) - (m1 - m0)) / capacity) if capacity > 0 else 0.0
+
+
+BUSY_SHARE = 0.10  # other processes using more than this share of the CPU make timings suspect
+
+
+def busy_warnings(others_share: Optional[float], cores: int) -> list[str]:
+    """A warning when other processes competed for the CPU during the measurement: threads of a
+    multi-threaded kernel then wait on descheduled siblings, and the timings say more about the
+    neighbours than about the variants."""
+    if others_share is not None and others_share > BUSY_SHARE:
+        return [f"the machine was busy during the measurement: other processes used {100 * others_share:.0f}% of "
+                f"the CPU time of {cores} core(s); timings are inflated and noisier than on an idle machine, "
                 "re-run compare.py on an idle machine before quoting them"]
     return []
 
@@ -850,6 +875,7 @@ def measure(cfg: CompareConfig) -> dict:
 
     t_start = time.perf_counter()
     load_start = _loadavg()
+    cpu_share = CpuShare()
     phases: dict[str, float] = {}
     clock = [t_start]
 
@@ -1096,10 +1122,12 @@ def measure(cfg: CompareConfig) -> dict:
                                           accuracy_budget=cfg.accuracy_budget)
     env = artifacts.environment()
     load_end = _loadavg()
+    others = cpu_share.others()
     env.update(threads=threads, usable_cores=usable_cores(), torch_threads=torch.get_num_threads(),
                tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
-               load_average_start=load_start, load_average_end=load_end)
-    warnings = busy_warnings(load_start, load_end, usable_cores())
+               load_average_start=load_start, load_average_end=load_end,
+               other_processes_cpu_share=round(others, 3))
+    warnings = busy_warnings(others, usable_cores())
     for w in warnings:
         log.warning("%s", w)
     try:

@@ -121,9 +121,11 @@ def test_targets_from_results():
 
 
 def test_busy_machine_warning():
-    assert cs.busy_warnings([0.5, 0.4, 0.3], [1.0, 0.5, 0.4], 2) == []
-    w = cs.busy_warnings([5.0, 4.0, 3.0], [1.0, 1.0, 1.0], 2)
-    assert len(w) == 1 and "load average up to 5.0 on 2" in w[0]
+    assert cs.busy_warnings(0.05, 2) == [] and cs.busy_warnings(None, 2) == []
+    w = cs.busy_warnings(0.35, 2)
+    assert len(w) == 1 and "other processes used 35% of the CPU time of 2 core(s)" in w[0]
+    share = cs.CpuShare().others()
+    assert 0.0 <= share <= 1.0
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -258,7 +260,8 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     res = json.loads((reports / "results.json").read_text())
     assert res["schema_version"] == cs.RESULTS_SCHEMA_VERSION
     env = res["environment"]
-    for key in ("cpu", "cpu_count", "torch", "onnxruntime", "threads", "python", "load_average_start"):
+    for key in ("cpu", "cpu_count", "torch", "onnxruntime", "threads", "python", "load_average_start",
+                "other_processes_cpu_share"):
         assert key in env
     assert res["protocol"]["quick"] is True and res["protocol"]["threads"] == 1
     assert res["protocol"]["sweep_seqs_used"] == [16, 128]  # 256 clamped to the tiny model's 128 positions
