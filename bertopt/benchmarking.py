@@ -68,7 +68,10 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     timers: Optional[Mapping[str, Callable[[Callable[[], object]], float]]] = None,
                     progress: Optional[Callable[[str, int], None]] = None, settle_s: float = 0.0,
                     prime_below_s: Optional[float] = None,
-                    sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
+                    sleep: Callable[[float], None] = time.sleep,
+                    guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
+                    max_retries: int = 2, min_guarded_s: float = 0.2,
+                    stats: Optional[dict] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -79,6 +82,13 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     the CPU idles ``settle_s`` seconds first, and a call that took less than ``prime_below_s``
     the previous time is preceded by one untimed call of the same task (its own pool awake,
     caches warm; the first warm-up call needs no primer).
+
+    ``guard()`` (optional, e.g. :class:`CpuShare`) starts watching the machine and returns a
+    function giving the CPU share other processes took since; a timed round (of at least
+    ``min_guarded_s``) in which they took more than ``max_share`` is measured again, at most
+    ``max_retries`` times per call (a task with a ``discard_last()`` method is told to forget its
+    discarded call). ``stats`` (a dict) receives ``retried_rounds`` and the ``other_cpu_share``
+    of every kept round.
 
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
     is timed with ``clock``. ``progress(name, round)`` is called after each recorded call."""
@@ -109,12 +119,59 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
         for name in order:
             timed(name)
     results: dict[str, list[float]] = {name: [] for name in names}
+    retries, shares = 0, []
     for r, order in enumerate(round_robin_order(names, repeats)):
+        while True:
+            watch = guard() if guard else None
+            got = {name: timed(name) for name in order}
+            share = watch() if watch else None
+            if (share is not None and share > max_share and retries < max_retries
+                    and sum(got.values()) >= min_guarded_s):  # shorter rounds: too few clock ticks
+                retries += 1
+                for name in order:  # tasks that keep their own records drop the discarded call
+                    getattr(tasks[name], "discard_last", lambda: None)()
+                log.info("other processes took %.0f%% of the CPU during a timed round: measuring it again",
+                         100 * share)
+                continue
+            break
+        shares.append(share)
         for name in order:
-            results[name].append(timed(name))
+            results[name].append(got[name])
             if progress:
                 progress(name, r)
+    if stats is not None:
+        stats["retried_rounds"] = stats.get("retried_rounds", 0) + retries
+        stats.setdefault("other_cpu_share", []).extend(round(x, 3) for x in shares if x is not None)
     return results
+
+
+class CpuShare:
+    """CPU time other processes used since creation, as a share of the whole machine
+    (system-wide busy time minus this process and its finished children). ``CpuShare`` itself
+    is a valid ``guard`` for :func:`run_interleaved`: ``CpuShare().others`` is the watch."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        import psutil
+
+        sys_t = psutil.cpu_times()
+        busy = sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)
+        me = psutil.Process().cpu_times()
+        return time.perf_counter(), busy, me.user + me.system + me.children_user + me.children_system
+
+    def others(self) -> float:
+        import psutil
+
+        (t0, b0, m0), (t1, b1, m1) = self.start, self._sample()
+        capacity = (t1 - t0) * (psutil.cpu_count() or 1)
+        return max(0.0, min(1.0, ((b1 - b0) - (m1 - m0)) / capacity)) if capacity > 0 else 0.0
+
+    @classmethod
+    def guard(cls) -> Callable[[], float]:
+        return cls().others
 
 
 class CudaTimer:

@@ -46,10 +46,10 @@ LATENCY_CELL = (1, 128)
 # worker threads stop spinning); prime_below_s: calls shorter than this get one untimed call first
 FULL_PROTOCOL = {"repeats": 5, "warmup": 2, "latency_requests": 200, "sweep_batches": (1, 8, 32, 64),
                  "sweep_seqs": (32, 64, 128, 256), "matmul_sizes": (1024, 2048), "max_eval_samples": None,
-                 "settle_s": 0.1, "prime_below_s": 0.25}
+                 "settle_s": 0.1, "prime_below_s": 0.25, "guard": True}
 QUICK_PROTOCOL = {"repeats": 3, "warmup": 1, "latency_requests": 24, "sweep_batches": (1, 32),
                   "sweep_seqs": (32, 128), "matmul_sizes": (1024,), "max_eval_samples": 200,
-                  "settle_s": 0.02, "prime_below_s": 0.25}
+                  "settle_s": 0.02, "prime_below_s": 0.25, "guard": False}
 
 
 # ----------------------------------------------------------------------------- config
@@ -439,13 +439,25 @@ class LatencyTask:
             return
         chunk = self.chunks[i - self.warmup]
         self.fn(chunk[0])  # untimed primer: wakes this runtime's threads after the variant switch
-        e2e = []
+        e2e, model = [], []
         for t in chunk:
-            total, model = self.fn(t)
+            total, m = self.fn(t)
             e2e.append(total)
-            self.model.append(model)
+            model.append(m)
+        self._last = (len(e2e), self.calls)
         self.e2e += e2e
+        self.model += model
         self.round_p50.append(float(np.median(e2e)))
+
+    def discard_last(self):
+        """The runner discarded this round (the machine was disturbed): forget it and serve the
+        same chunk again next time."""
+        n, calls = getattr(self, "_last", (0, None))
+        if calls is None or calls != self.calls:
+            return
+        del self.e2e[-n:], self.model[-n:], self.round_p50[-1:]
+        self.calls -= 1
+        self._last = (0, None)
 
 
 # ----------------------------------------------------------------------------- recommendation
@@ -828,29 +840,6 @@ def _loadavg() -> Optional[list]:
         return None
 
 
-class CpuShare:
-    """CPU time other processes used while we measured, as a share of the whole machine
-    (system-wide busy time minus this process and its finished children)."""
-
-    def __init__(self):
-        import psutil
-
-        self._psutil = psutil
-        self.start = self._sample()
-
-    def _sample(self):
-        sys_t = self._psutil.cpu_times()
-        busy = sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)
-        me = self._psutil.Process().cpu_times()
-        mine = me.user + me.system + me.children_user + me.children_system
-        return time.perf_counter(), busy, mine
-
-    def others(self) -> float:
-        (t0, b0, m0), (t1, b1, m1) = self.start, self._sample()
-        capacity = (t1 - t0) * (self._psutil.cpu_count() or 1)
-        return max(0.0, ((b1 - b0) - (m1 - m0)) / capacity) if capacity > 0 else 0.0
-
-
 BUSY_SHARE = 0.10  # other processes using more than this share of the CPU make timings suspect
 
 
@@ -875,7 +864,7 @@ def measure(cfg: CompareConfig) -> dict:
 
     t_start = time.perf_counter()
     load_start = _loadavg()
-    cpu_share = CpuShare()
+    cpu_share = bm.CpuShare()
     phases: dict[str, float] = {}
     clock = [t_start]
 
@@ -959,6 +948,8 @@ def measure(cfg: CompareConfig) -> dict:
     sweep_rows = [v for v in live if v.batching == "dynamic"]
     sweep: dict[str, list] = {v.name: [] for v in sweep_rows}
     cells = [(b, s) for s in seqs for b in batches]
+    guard = bm.CpuShare.guard if proto["guard"] else None
+    retried = 0
     log.info("sweep: %d cells x %d variants, %d repeats", len(cells), len(sweep_rows), proto["repeats"])
     for b, s in progress(cells, desc="sweep", unit="cell"):
         batch = bm.synthetic_batch(b, s, vocab, with_tt)
@@ -967,8 +958,11 @@ def measure(cfg: CompareConfig) -> dict:
             p = preds[v.name]
             inputs = _inputs_for(p, batch)
             tasks[v.name] = (lambda p=p, inputs=inputs: p.predict_logits(inputs))
+        cell_stats: dict = {}
         times = bm.run_interleaved(tasks, proto["repeats"], warmup=1, timers=timers_for(list(tasks)),
-                                   settle_s=proto["settle_s"], prime_below_s=proto["prime_below_s"])
+                                   settle_s=proto["settle_s"], prime_below_s=proto["prime_below_s"],
+                                   guard=guard, stats=cell_stats)
+        retried += cell_stats.get("retried_rounds", 0)
         for v in sweep_rows:
             t = times[v.name]
             flops = bm.forward_flops(configs[v.source], [s] * b)
@@ -976,6 +970,7 @@ def measure(cfg: CompareConfig) -> dict:
             sweep[v.name].append({
                 "batch": b, "seq": s, "samples_per_s": bm.spread(bm.rates(b, t), keep_values=False),
                 "p50_ms": med * 1000, "latency_ms": bm.spread(t, 1000, keep_values=False),
+                "other_cpu_share_max": max(cell_stats.get("other_cpu_share") or [0.0]),
                 **bm.efficiency(flops, med, peak_flops(v, peak_before["gflops"]))})
 
     phase("sweep")
@@ -1015,8 +1010,11 @@ def measure(cfg: CompareConfig) -> dict:
                            pad_to=PADDED_LENGTH if v.batching == "padded" else None)
     log.info("end to end: %d texts x %d variants x %d repeats", len(texts), len(live), proto["repeats"])
     bar = progress(total=len(live) * proto["repeats"], desc="end to end", unit="pass")
+    e2e_stats: dict = {}
     e2e_times = bm.run_interleaved({v.name: e2e_task(v) for v in live}, proto["repeats"], warmup=0,
-                                   progress=lambda n, r: bar.update(1), settle_s=proto["settle_s"])
+                                   progress=lambda n, r: bar.update(1), settle_s=proto["settle_s"],
+                                   guard=guard, stats=e2e_stats)
+    retried += e2e_stats.get("retried_rounds", 0)
     bar.close()
     phase("end_to_end")
 
@@ -1034,7 +1032,10 @@ def measure(cfg: CompareConfig) -> dict:
                                                            with_tt=with_tt, pad_to=pad_to))
         lat_tasks[v.name] = LatencyTask(fn, warm_req, chunks, proto["warmup"])
     log.info("latency: %d single requests x %d variants", n_req, len(live))
-    bm.run_interleaved(lat_tasks, len(chunks), warmup=proto["warmup"], settle_s=proto["settle_s"])
+    lat_stats: dict = {}
+    bm.run_interleaved(lat_tasks, len(chunks), warmup=proto["warmup"], settle_s=proto["settle_s"],
+                       guard=guard, stats=lat_stats)
+    retried += lat_stats.get("retried_rounds", 0)
     phase("latency")
 
     # ---- peak memory + load time, one fresh process per variant
@@ -1153,7 +1154,7 @@ def measure(cfg: CompareConfig) -> dict:
                      "e2e_seq_for_batch_choice": e2e_seq, "interleaving": "round-robin, rotating start each round",
                      "timer": "time.perf_counter (CUDA events + synchronisation for GPU rows)",
                      "reference": {"name": REFERENCE, "pad_to": PADDED_LENGTH, "batch_size": PADDED_BATCH},
-                     "wall_s": None},
+                     "wall_s": None, "retried_rounds": retried},
         "data": {"source": splits.source, "eval_rows": len(texts), "label_names": splits.label_names,
                  "max_length": max_length, "mean_tokens": mean_len, "max_tokens": int(max(lengths)),
                  "real_tokens": int(sum(lengths)), "settings": dcfg},

@@ -209,3 +209,45 @@ def test_fresh_process_memory_reports_a_failing_variant(tmp_path):
             "batch": 1, "seq": 4}
     mem = bm.fresh_process_memory(spec, env={"PYTHONPATH": str(tmp_path)})
     assert "error" in mem and "cannot open model.bad.onnx" in mem["error"]
+
+
+class Recorder:
+    def __init__(self, log, name, clock):
+        self.log, self.name, self.clock, self.discarded = log, name, clock, 0
+
+    def __call__(self):
+        self.log.append(self.name)
+        self.clock.now += 0.15
+
+    def discard_last(self):
+        self.discarded += 1
+
+
+def test_run_interleaved_repeats_rounds_disturbed_by_other_processes():
+    shares = iter([0.5, 0.02, 0.9, 0.9, 0.03])  # per watched round, in order
+    clock = FakeClock()
+
+    def guard():
+        share = next(shares)
+        return lambda: share
+
+    log, stats = [], {}
+    tasks = {"a": Recorder(log, "a", clock), "b": Recorder(log, "b", clock)}  # 0.3 s rounds: guarded
+    times = bm.run_interleaved(tasks, repeats=3, warmup=0, clock=clock, guard=guard, max_share=0.1,
+                               max_retries=2, stats=stats)
+    # round 0 disturbed (0.5) -> again (0.02, kept); round 1 disturbed twice (0.9, 0.9) -> retries
+    # exhausted, kept at 0.9; round 2 (0.03) kept
+    assert stats["retried_rounds"] == 2 and stats["other_cpu_share"] == [0.02, 0.9, 0.03]
+    assert len(log) == 2 * 5 and times == {"a": pytest.approx([0.15] * 3), "b": pytest.approx([0.15] * 3)}
+    # rounds shorter than min_guarded_s are never repeated (too few clock ticks to judge)
+    shares = iter([0.9] * 3)
+    stats = {}
+    bm.run_interleaved(tasks, repeats=3, warmup=0, clock=clock, guard=guard, min_guarded_s=1.0, stats=stats)
+    assert stats["retried_rounds"] == 0
+    assert tasks["a"].discarded == tasks["b"].discarded == 2
+
+
+def test_cpu_share_is_a_fraction():
+    watch = bm.CpuShare.guard()
+    sum(i * i for i in range(200000))  # our own work does not count
+    assert 0.0 <= watch() <= 1.0

@@ -124,7 +124,7 @@ def test_busy_machine_warning():
     assert cs.busy_warnings(0.05, 2) == [] and cs.busy_warnings(None, 2) == []
     w = cs.busy_warnings(0.35, 2)
     assert len(w) == 1 and "other processes used 35% of the CPU time of 2 core(s)" in w[0]
-    share = cs.CpuShare().others()
+    share = cs.bm.CpuShare().others()
     assert 0.0 <= share <= 1.0
 
 
@@ -337,3 +337,14 @@ def test_compare_is_registered_after_onnx_tensorrt():
     names = [s.name for s in STAGES]
     assert "compare" in names
     assert names.index("compare") == names.index("onnx_tensorrt") + 1
+
+
+def test_latency_task_discards_a_disturbed_round():
+    calls = []
+    task = cs.LatencyTask(lambda t: (calls.append(t), (0.002, 0.001))[1], ["w"], [["a", "b"], ["c"]], warmup=0)
+    task()
+    task.discard_last()
+    task()  # serves chunk 0 again
+    task()
+    assert calls == ["a", "a", "b", "a", "a", "b", "c", "c"]
+    assert len(task.e2e) == 3 and len(task.model) == 3 and len(task.round_p50) == 2
