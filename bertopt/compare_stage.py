@@ -156,7 +156,8 @@ def add_compare_args(parser) -> None:
     cli.add(g, "--skip-memory", action="store_true", default=None,
             help="do not start a fresh process per variant to measure peak memory and load time")
     cli.add(g, "--report-only", action="store_true", default=None,
-            help="re-render summary.md and the HTML report from the existing results.json")
+            help="re-render summary.md and the HTML report from the existing results.json (with other "
+                 "--optimize-for/--target/--accuracy-budget values: recommend again from those measurements)")
 
 
 def build_compare(ns) -> CompareConfig:
@@ -769,6 +770,31 @@ def _input_digests(output_dir: Path) -> dict:
     return digests
 
 
+RECOMMENDATION_KEYS = ("optimize_for", "target", "accuracy_budget")
+
+
+def reevaluate(results: dict, cfg: CompareConfig) -> bool:
+    """--report-only with other --optimize-for/--target/--accuracy-budget values: choose again
+    from the measurements already in results.json (nothing is re-measured). True if changed."""
+    old = {k: (results.get("config") or {}).get(k) for k in RECOMMENDATION_KEYS}
+    new = {k: getattr(cfg, k) for k in RECOMMENDATION_KEYS}
+    if old == new:
+        return False
+    chosen, message, verdicts = recommend(results["variants"], results.get("baseline_accuracy"),
+                                          optimize_for=cfg.optimize_for, target=cfg.target,
+                                          accuracy_budget=cfg.accuracy_budget)
+    results.setdefault("config", {}).update(new)
+    results["recommendation"] = recommendation_entry(chosen, message) if chosen else None
+    results["recommendation_message"] = message
+    results["eligibility"] = verdicts
+    results["targets"] = evaluate_targets(results)
+    log.info("recommendation re-evaluated from the existing measurements (%s): %s",
+             ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in new.items()), message)
+    if chosen is None:
+        log.warning("%s", message)
+    return True
+
+
 def _render_outputs(results: dict, reports: Path) -> list[str]:
     from .report import render_report
 
@@ -797,6 +823,8 @@ def run(cfg: CompareConfig) -> StageResult:
         if not res_path.is_file():
             raise MissingArtifact(res_path, "python compare.py")
         results = json.loads(res_path.read_text(encoding="utf-8"))
+        if reevaluate(results, cfg):
+            artifacts.atomic_write_json(res_path, results)
         _render_outputs(results, reports)
         return StageResult("compare", "ok", time.perf_counter() - start, _key_metric(results), str(reports))
     baseline_dir = artifacts.stage_dir(out, "baseline")

@@ -320,6 +320,18 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     (reports / "performance_report.html").unlink()
     assert compare.main(["--reports-dir", str(reports), "--report-only", "--quiet"]) == 0
     assert (reports / "performance_report.html").is_file()
+    # --report-only with another target/budget re-chooses from the same measurements
+    assert compare.main(["--reports-dir", str(reports), "--report-only", "--quiet", "--target", "gpu"]) == 0
+    again = json.loads((reports / "results.json").read_text())
+    assert again["recommendation"] is None and "--target gpu" in again["recommendation_message"]
+    assert again["config"]["target"] == "gpu" and again["variants"] == res["variants"]
+    assert "No recommendation." in (reports / "performance_report.html").read_text()
+    assert compare.main(["--reports-dir", str(reports), "--report-only", "--quiet",
+                         "--optimize-for", "latency"]) == 0
+    lat = json.loads((reports / "results.json").read_text())["recommendation"]
+    fastest = min((r for r in res["variants"] if r["status"] == "ok"), key=lambda r: r["latency"]["e2e_ms"]["p50"])
+    assert lat["device"] == "cpu" and by[lat["variant"]]["latency"]["e2e_ms"]["p50"] <= \
+        fastest["latency"]["e2e_ms"]["p50"] * (1 + cs.TIE_TOLERANCE)
 
 
 def test_missing_baseline_is_one_clear_error(tmp_path, capsys):
