@@ -272,6 +272,9 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     for name in measured:
         r = by[name]
         assert 0 <= r["accuracy"] <= 1 and r["predictions_consistent"]
+        assert r["accuracy"] == min(r["accuracy_by_batching"].values())
+        assert set(r["accuracy_by_batching"]) == (
+            {"batch_16"} if name == "torch-fp32-padded" else {f"batch_{r['throughput']['batch_size']}", "batch_1"})
         tp = r["throughput"]["samples_per_s"]
         assert tp["min"] <= tp["median"] <= tp["max"] and tp["n"] == res["protocol"]["repeats"]
         for kind in ("e2e_ms", "model_ms"):
