@@ -76,8 +76,24 @@ def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
     add(g, "--dataset", metavar="NAME|PATH",
         help="sst2 (default), imdb, or a local CSV/TSV/JSONL/Parquet file or directory")
     add(g, "--data-dir", metavar="DIR", help="where named data sets are looked for (default: data)")
-    add(g, "--text-column", metavar="COL", help="text column of a local data set (auto-detected)")
-    add(g, "--label-column", metavar="COL", help="label column of a local data set (auto-detected)")
+    add(g, "--text-column", metavar="COL[,COL2]",
+        help="text column of a local data set, a name or an index; two (a,b) for sentence pairs "
+             "(auto-detected, pairs included: sentence1/sentence2, #1 String/#2 String, ...)")
+    add(g, "--label-column", metavar="COL[,...]",
+        help="label column, a name or an index; several 0/1 columns (a,b,c) for multi-label (auto-detected)")
+    add(g, "--no-header", action="store_true", default=None,
+        help="the CSV/TSV files have no header row (detected when the first row looks like data)")
+    add(g, "--task", choices=("classification", "multi-label", "regression"),
+        help="task type (default: detected from the labels: lists = multi-label, real numbers = regression)")
+    add(g, "--metric", metavar="NAME",
+        help="metric that picks the best epoch, gates quantized variants and ranks the recommendation: "
+             "accuracy|f1|macro_f1|mcc, micro_f1|macro_f1|subset_accuracy (multi-label), pearson|spearman|"
+             "neg_mse (regression); default: GLUE convention per task, printed at start")
+    add(g, "--long-text", choices=("truncate", "head-tail", "chunk"),
+        help="texts longer than --max-length: truncate (default), head-tail (first quarter + last three "
+             "quarters of the tokens) or chunk (overlapping windows, logits averaged per text)")
+    add(g, "--stride", type=int, metavar="N", help="--long-text chunk: tokens shared by neighbouring windows "
+                                                    "(default: max-length // 4)")
     add(g, "--output-dir", metavar="DIR", help="artifact root (default: saved_models)")
     add(g, "--reports-dir", metavar="DIR", help="report directory (default: reports)")
     add(g, "--max-length", type=int, metavar="N", help="max tokens per text (default: 128)")
@@ -106,6 +122,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="freeze the embeddings and the lowest N encoder layers (default: 0)")
     add(g, "--log-every", type=int, metavar="N", help="record the loss every N steps (default: 20)")
     add(g, "--grad-accum-steps", type=int, metavar="N", help="gradient accumulation steps (default: 1)")
+    add(g, "--class-weights", metavar="auto|none|W1,W2,...",
+        help="cross-entropy class weights: auto = inverse class frequency, none (default), or one per class")
+    add(g, "--threshold", type=float, metavar="T",
+        help="multi-label decision threshold on sigmoid scores (default: tuned on the eval split)")
 
 
 def load_config_file(path: str) -> dict:

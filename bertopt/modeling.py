@@ -52,11 +52,12 @@ def load_tokenizer(model: str):
 
 
 def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
-               attn_implementation: Optional[str] = None):
-    """AutoModelForSequenceClassification; a new head is sized to ``num_labels``."""
+               attn_implementation: Optional[str] = None, problem_type: Optional[str] = None):
+    """AutoModelForSequenceClassification; a new head is sized to ``num_labels``; ``problem_type``
+    (transformers' name: single_label_classification, multi_label_classification, regression)."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {}
+    kwargs = {"problem_type": problem_type} if problem_type else {}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -205,3 +206,40 @@ def _single_label(split_labels: dict[str, list], where: str) -> tuple[dict[str, 
         raise DataError(f"{where}: only one label value ({names[0]!r}) found; need at least two classes")
     index = {n: i for i, n in enumerate(names)}
     return {s: [index[v.strip()] for v in labels] for s, labels in split_labels.items()}, names
+
+
+@dataclass
+class TaskSpec:
+    """What training and evaluation need to know about the task (stored in the manifest)."""
+
+    task: str = CLASSIFICATION
+    label_names: list = field(default_factory=list)
+    metric: str = "accuracy"
+    threshold: Optional[float] = None  # multi-label; None = tuned on the eval split
+    class_weights: Optional[list] = None  # cross-entropy weights per class
+
+    @property
+    def plain(self) -> bool:
+        """Single-label classification scored by accuracy without class weights: today's path."""
+        return self.task == CLASSIFICATION and self.metric == "accuracy" and not self.class_weights
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "label_names": list(self.label_names), "metric": self.metric,
+                "threshold": self.threshold, "class_weights": self.class_weights}
+
+
+def class_weights(setting, train_labels, num_labels: int, task: str) -> Optional[list]:
+    """--class-weights: None (none), inverse class frequency (auto, mean 1), or the given list."""
+    text = str(setting).lower()
+    if text == "none":
+        return None
+    if task != CLASSIFICATION:
+        raise DataError(f"--class-weights applies to single-label classification, not {task}")
+    if text == "auto":
+        counts = np.bincount(np.asarray(train_labels), minlength=num_labels).astype(float)
+        w = counts.sum() / (num_labels * np.maximum(counts, 1))
+        return [round(float(x), 4) for x in w]
+    values = [float(v) for v in text.split(",")]
+    if len(values) != num_labels:
+        raise DataError(f"--class-weights {setting}: {len(values)} weight(s) for {num_labels} classes")
+    return values

@@ -155,16 +155,82 @@ def _to_device(batch: dict, device, non_blocking: bool) -> dict:
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("labels", "index")}
 
 
+def task_loss(spec):
+    """``loss_fn(logits, labels, inputs)`` for a task: cross-entropy (optionally class-weighted),
+    BCE-with-logits for multi-label, MSE for regression. None for the plain path (unweighted CE)."""
+    import torch
+
+    from . import tasks
+
+    if spec is None or (spec.task == tasks.CLASSIFICATION and not spec.class_weights):
+        return None
+    if spec.task == tasks.MULTI_LABEL:
+        return lambda logits, y, inputs=None: torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    if spec.task == tasks.REGRESSION:
+        return lambda logits, y, inputs=None: torch.nn.functional.mse_loss(logits.view(-1), y.float().view(-1))
+    weight = torch.tensor(spec.class_weights, dtype=torch.float32)
+    return lambda logits, y, inputs=None: torch.nn.functional.cross_entropy(logits, y, weight=weight.to(logits.device))
+
+
+def _collect(model, loader, device, plan, desc):
+    """Logits, labels and dataset indices of a whole loader (CPU tensors)."""
+    import torch
+
+    from .logs import progress
+
+    model.eval()
+    logits, labels, index = [], [], []
+    ctx = plan.autocast if plan else contextlib.nullcontext
+    with torch.inference_mode():
+        for batch in progress(loader, desc=desc, unit="batch"):
+            with ctx():
+                logits.append(model(**_to_device(batch, device, non_blocking=True)).logits.float().cpu())
+            labels.append(batch["labels"])
+            index.append(batch["index"])
+    return torch.cat(logits), torch.cat(labels), torch.cat(index)
+
+
+def evaluate_task(model, loader, device, spec, plan: Optional[PrecisionPlan] = None, desc: str = "eval") -> dict:
+    """The task's metrics over a loader (chunk windows aggregated per text); ``metric`` holds the
+    selected one. Keys ``accuracy``/``loss``/``n``/``predictions`` as :func:`evaluate`."""
+    import torch
+
+    from . import metrics, tasks
+
+    logits, labels, index = _collect(model, loader, device, plan, desc)
+    order = torch.argsort(index)
+    logits, labels = logits[order], labels[order]
+    loss_fn = task_loss(spec) or (lambda lg, y, inputs=None: torch.nn.functional.cross_entropy(lg, y))
+    loss = float(loss_fn(logits, labels)) if len(labels) else float("nan")
+    owners = getattr(loader.dataset, "owners", None)
+    per_text = metrics.aggregate(logits.numpy(), owners, spec.task)
+    y = labels.numpy()
+    if owners is not None:  # one label per text: the first window's
+        first = {}
+        for w, o in enumerate(owners):
+            first.setdefault(o, w)
+        y = y[[first[o] for o in range(len(first))]]
+    out = metrics.compute(spec.task, y, per_text, spec.label_names, spec.threshold)
+    out.update(loss=loss, n=int(len(y)), metric=out[spec.metric], metric_name=spec.metric)
+    if spec.task == tasks.REGRESSION:
+        out.setdefault("accuracy", None)
+    return out
+
+
 def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: str = "eval",
-             dist_ctx=None) -> dict:
+             dist_ctx=None, spec=None) -> dict:
     """Accuracy and mean loss over a loader; predictions returned in dataset order.
 
+    A ``spec`` (bertopt.tasks.TaskSpec) that is not plain accuracy-scored classification, or chunked
+    long texts, go to :func:`evaluate_task` (single process).
     With a multi-process ``dist_ctx`` (bertopt.distributed) the loader holds this rank's shard and
     the counts are all-reduced, so every rank returns the whole evaluation set's figures."""
     import torch
 
     from .logs import progress
 
+    if spec is not None and (not spec.plain or getattr(loader.dataset, "owners", None) is not None):
+        return evaluate_task(model, loader, device, spec, plan, desc)
     model.eval()
     preds, labels, index, losses = [], [], [], []
     ctx = plan.autocast if plan else contextlib.nullcontext
@@ -191,7 +257,7 @@ def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: 
 
 
 def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
-          loss_fn=None, dist_ctx=None) -> TrainResult:
+          loss_fn=None, dist_ctx=None, spec=None) -> TrainResult:
     """Fine-tune in place and leave the best epoch's weights loaded. ``cfg`` is a TrainConfig.
 
     ``loss_fn(logits, labels, inputs) -> scalar`` replaces the default cross-entropy (e.g. the
@@ -199,13 +265,18 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
 
     ``dist_ctx`` (bertopt.distributed.DistContext) marks a torchrun job: ``model`` is then wrapped in
     DistributedDataParallel, ``train_loader`` yields this rank's batches, and logged losses, eval
-    figures and throughput are combined over the ranks. None = single process (unchanged)."""
+    figures and throughput are combined over the ranks. None = single process (unchanged).
+
+    ``spec`` (bertopt.tasks.TaskSpec) sets the task loss (unless ``loss_fn`` is given) and the metric
+    that picks the best epoch; None = cross-entropy and accuracy."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
     from .distributed import maybe_inject_failure, mean_across, reduce_throughput, sync_context, unwrap
     from .logs import progress
 
+    loss_fn = loss_fn or task_loss(spec)
+    metric = spec.metric if spec is not None else "accuracy"
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen (lower --freeze-layers)")
@@ -221,7 +292,7 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
     non_blocking = device.type == "cuda"
 
     history, loss_curve, epochs = [], [], []
-    best = {"accuracy": -1.0, "epoch": None, "state": None}
+    best = {"score": -math.inf, "epoch": None, "state": None, "eval": None}
     step, skipped_steps, samples, window = 0, 0, 0, []
     train_time = 0.0
     if device.type == "cuda":
@@ -282,13 +353,16 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
             ev = evaluate(unwrap(model), eval_loader, device, plan, desc=f"eval epoch {epoch + 1}",
-                          dist_ctx=dist_ctx)
+                          dist_ctx=dist_ctx, spec=spec)
+            score = ev.get("metric", ev["accuracy"])
             epochs.append({"epoch": epoch + 1, "train_time_s": round(epoch_time, 3),
                            "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
-            log.info("epoch %d/%d: %.1fs, eval accuracy %.4f, eval loss %.4f", epoch + 1, cfg.epochs,
-                     epoch_time, ev["accuracy"], ev["loss"])
-            if ev["accuracy"] > best["accuracy"]:
-                best = {"accuracy": ev["accuracy"], "epoch": epoch + 1,
+            if "metric" in ev:
+                epochs[-1]["eval_" + metric] = score
+            log.info("epoch %d/%d: %.1fs, eval %s %.4f, eval loss %.4f", epoch + 1, cfg.epochs,
+                     epoch_time, metric, score, ev["loss"])
+            if score > best["score"] or best["epoch"] is None:
+                best = {"score": score, "epoch": epoch + 1, "eval": ev,
                         "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
     if window:
         value = float(np.mean(window))
@@ -311,11 +385,14 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan,
         "peak_memory_mb": round(rss.peak_mb, 1),
         "peak_memory_kind": "process RSS",
         "final_eval_accuracy": final_accuracy,
-        "best_eval_accuracy": best["accuracy"],
+        "best_eval_accuracy": best["eval"]["accuracy"],
         "best_epoch": best["epoch"],
         "epochs": epochs,
         "loss_curve": loss_curve,
     }
+    if "metric" in best["eval"]:  # task metrics of the best epoch (predictions left out)
+        metrics.update(metric=metric, best_eval_metric=best["score"],
+                       eval_metrics={k: v for k, v in best["eval"].items() if k not in ("predictions", "metric")})
     if device.type == "cuda":
         metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         metrics["peak_memory_kind"] = "CUDA max allocated"
