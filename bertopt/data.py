@@ -381,7 +381,11 @@ def encode(texts: Sequence[str], tokenizer, max_length: int, pairs: Optional[Seq
     body = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     full = tokenizer(list(texts), add_special_tokens=False, truncation=False, padding=False,
                      return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
-    wrap = tokenizer.build_inputs_with_special_tokens
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+    def wrap(body_ids):
+        return [cls, *body_ids, sep]
     if long_text == "head-tail":
         head = body // 4
         return [wrap(t if len(t) <= body else t[:head] + t[len(t) - (body - head):]) for t in full], None
