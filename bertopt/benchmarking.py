@@ -1,7 +1,7 @@
 """Measurement: timing statistics, the interleaved round-robin protocol, FLOP counting, the
 machine's matmul peak, and peak memory of a fresh process running one variant.
 
-Everything here is independent of *what* is measured: compare_stage.py builds the workloads
+Everything here is independent of *what* is measured: bertopt.compare builds the workloads
 (tokenize + predict closures) and hands them to these functions. Timing is never asserted in
 tests; the statistics and the protocol are (with synthetic clocks and timings).
 """
@@ -63,6 +63,14 @@ def round_robin_order(names: Sequence[str], rounds: int) -> list[list[str]]:
     return [names[r % n:] + names[:r % n] for r in range(rounds)]
 
 
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median of a sample (inf for an empty one or a zero median)."""
+    if not len(values):
+        return float("inf")
+    med = float(np.median(values))
+    return (max(values) - min(values)) / med if med > 0 else float("inf")
+
+
 def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
                     clock: Callable[[], float] = time.perf_counter,
                     timers: Optional[Mapping[str, Callable[[Callable[[], object]], float]]] = None,
@@ -71,7 +79,8 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     sleep: Callable[[float], None] = time.sleep,
                     guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
                     max_retries: int = 2, min_guarded_s: float = 0.2,
-                    stats: Optional[dict] = None) -> dict[str, list[float]]:
+                    stats: Optional[dict] = None, min_repeats: Optional[int] = None,
+                    tolerance: Optional[float] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -91,7 +100,11 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     of every kept round.
 
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
-    is timed with ``clock``. ``progress(name, round)`` is called after each recorded call."""
+    is timed with ``clock``. ``progress(name, round)`` is called after each recorded call.
+
+    ``min_repeats`` + ``tolerance`` (optional): stop after round ``min_repeats`` or any later one
+    once every task's spread (max - min) / median is within ``tolerance``; ``stats['rounds']``
+    says how many rounds were recorded."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     timers = timers or {}
@@ -139,9 +152,13 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
             results[name].append(got[name])
             if progress:
                 progress(name, r)
+        if min_repeats is not None and tolerance is not None and r + 1 >= min_repeats and r + 1 < repeats \
+                and all(relative_spread(t) <= tolerance for t in results.values()):
+            break
     if stats is not None:
         stats["retried_rounds"] = stats.get("retried_rounds", 0) + retries
         stats.setdefault("other_cpu_share", []).extend(round(x, 3) for x in shares if x is not None)
+        stats["rounds"] = len(shares)
     return results
 
 

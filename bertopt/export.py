@@ -4,7 +4,8 @@ Every conversion here is a plain function ``src file -> dst file`` that returns 
 manifest; the stage (:mod:`bertopt.onnx_stage`) decides what to build and checks each result
 against PyTorch with :func:`compare_logits`.
 
-Variants (file names are part of the contract read by compare.py and the AWS deploy):
+Variants (file names are registered in :mod:`bertopt.variants`, the contract compare.py and the AWS
+deploy read):
 
 ========  ===================  =========  ===========================================================
 variant   file                 precision  how
@@ -30,20 +31,14 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from . import variants as _variants
 from .errors import ModelError, PipelineError
 
 log = logging.getLogger("bertopt.export")
 
-# variant -> (file, precision, devices it is meant for besides the CPU check)
-VARIANTS = {
-    "fp32": ("model.onnx", "fp32", ("cpu", "cuda")),
-    "opt": ("model.opt.onnx", "fp32", ("cpu", "cuda")),
-    "int8": ("model.int8.onnx", "int8", ("cpu",)),  # DynamicQuantizeMatMul/QAttention: CPU kernels only
-    "int4": ("model.int4.onnx", "int4", ("cpu", "cuda")),
-    "fp16": ("model.fp16.onnx", "fp16", ("cpu", "cuda")),
-    "qdq": ("model.qdq.onnx", "int8", ("cpu", "cuda")),
-}
-FP32_VARIANTS = ("fp32", "opt")
+# variant key -> (file, precision, devices): a view of the ONNX Runtime entries of the registry
+VARIANTS = {s.key: (s.file, s.precision, s.devices) for s in _variants.for_stage("onnx", "onnxruntime")}
+FP32_VARIANTS = tuple(s.key for s in _variants.for_stage("onnx") if s.fp32_parity)
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 # operators kept in fp32 by the fp16 conversion: normalization, softmax and the reductions /
@@ -58,7 +53,12 @@ class ExportError(PipelineError):
 
 # ----------------------------------------------------------------------------- helpers
 def file_size(path: str | os.PathLike) -> int:
-    return Path(path).stat().st_size
+    """Bytes on disk; an OpenVINO IR (.xml) counts its weights file (.bin) too."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
 
 
 def _first_line(exc: BaseException) -> str:
@@ -96,7 +96,7 @@ def quiet_quantizer_logs():
     """ONNX Runtime's quantization tools log through the root logger and their own INFO handlers;
     keep our console readable (warnings that matter are turned into our own messages)."""
     names = ["", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
-             "onnxruntime.transformers", "onnx_model", "fusion_base", "onnx_model_bert"]
+             "onnxruntime.transformers", "onnx_model", "fusion_base", "onnx_model_bert", "nncf"]
     saved = {n: logging.getLogger(n).level for n in names}
     try:
         for n in names:
@@ -416,3 +416,34 @@ def merge_parity(*parts: dict) -> dict:
     rows = sum(p["rows"] for p in parts)
     agree = sum(p["argmax_agreement"] * p["rows"] for p in parts) / max(rows, 1)
     return {"max_abs_diff": max(p["max_abs_diff"] for p in parts), "argmax_agreement": agree, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- OpenVINO (optional)
+def quantize_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: Sequence[dict]) -> dict:
+    """INT8 post-training quantization with NNCF (OpenVINO backend): read the FP32 ONNX graph
+    into OpenVINO, calibrate activations on ``feeds`` (the same seeded training batches as the QDQ
+    variant), save OpenVINO IR ``dst`` (.xml + .bin). ``model_type=TRANSFORMER`` keeps the
+    softmax/layer-norm paths in float, as NNCF recommends for BERT-family models."""
+    import nncf
+    import openvino as ov
+
+    start = time.perf_counter()
+    load_onnx(src)  # a clear error on a bad input
+    model = ov.Core().read_model(str(src))
+    names = [i.get_any_name() for i in model.inputs]
+    dataset = nncf.Dataset(list(feeds), lambda b: {n: b[n] for n in names})
+    with quiet_quantizer_logs():
+        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
+    return {"method": "nncf post-training quantization (OpenVINO backend, ModelType.TRANSFORMER)",
+            "calibration_batches": len(feeds), "nncf": _dist_version("nncf"), "openvino": ov.__version__,
+            "quantize_s": round(time.perf_counter() - start, 2)}
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

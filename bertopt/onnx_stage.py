@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -30,7 +30,7 @@ from .logs import progress, stage_logging
 log = logging.getLogger("bertopt.onnx_stage")
 
 STAGE = "onnx_tensorrt"
-OPTIONAL_VARIANTS = ("opt", "int8", "int4", "fp16", "qdq")
+OPTIONAL_VARIANTS = tuple(k for k in variants.onnx_keys(("onnxruntime", "openvino")) if k != "fp32")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QDQ_EXCLUDES = ("ffn-output", "none")
 MAX_TORCHSCRIPT_OPSET = 20  # the dynamo=False exporter's newest opset
@@ -303,18 +303,18 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
                      facts: dict) -> dict:
     """Parity (shapes + eval split) and accuracy of one built variant; decides its status."""
     from .errors import ModelError
-    from .runtimes import OrtPredictor
+    from .runtimes import open_predictor
 
-    file, precision, devices = ex.VARIANTS[name]
-    path = out_dir / file
-    info = {"file": file, "precision": precision, "status": "ok", "reason": None,
-            "size_bytes": ex.file_size(path), "devices": [d for d in devices if d != "cpu"],
+    spec = variants.by_key("onnx", name)
+    path = out_dir / spec.file
+    info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
+            "reason": None, "size_bytes": ex.file_size(path), "devices": [d for d in spec.devices if d != "cpu"],
             "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
     info["size_pct_of_fp32"] = round(100.0 * info["size_bytes"] / fp32_size, 2)
     try:
-        pred = OrtPredictor(path, name=f"ort-{name}", intra_op_threads=cfg.ort_threads, precision=precision)
+        pred = open_predictor(spec, path, device="cpu", threads=cfg.ort_threads)
     except ModelError as exc:
-        if name in ex.FP32_VARIANTS:
+        if spec.fp32_parity:
             raise
         info["reason"] = f"not runnable on this CPU, accuracy not measured ({exc})"
         return info
@@ -344,34 +344,61 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
             return "failed", (f"max |Δlogits| {max_abs_diff:.2e} vs PyTorch exceeds --parity-tolerance {tolerance:g}")
         return "ok", None
     if accuracy_delta is not None and accuracy_delta < -budget:
-        return "rejected", (f"accuracy {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --accuracy-budget "
+        return "rejected", (f"accuracy {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --onnx-accuracy-budget "
                             f"{budget * 100:g} pt (kept on disk, not deployed)")
     return "ok", None
 
 
+# ----------------------------------------------------------------------------- converters
+# the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
+def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    return ex.optimize(out_dir / spec.built_from, out_dir / spec.file, int(ref.model.config.num_attention_heads),
+                       int(ref.model.config.hidden_size))
+
+
+def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
+                         if cfg.int8_reduce_range is not None else ex.default_reduce_range())
+    opt_ok = built.get("opt", {}).get("status") == "ok"
+    base = out_dir / (spec.built_from if opt_ok else variants.by_key("onnx", "fp32").file)
+    facts = ex.quantize_int8(base, out_dir / spec.file, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
+    return dict(facts, reduce_range_reason=why, from_file=base.name)
+
+
+def build_int4(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    return dict(ex.quantize_int4(src, out_dir / spec.file, block_size=cfg.int4_block_size), from_file=src.name)
+
+
+def build_fp16(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    return dict(ex.convert_fp16(src, out_dir / spec.file), from_file=src.name)
+
+
+def build_qdq(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
+    return dict(ex.quantize_qdq(src, out_dir / spec.file, feeds, per_channel=cfg.qdq_per_channel,
+                                method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output"),
+                from_file=src.name)
+
+
+def build_ov_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    feeds = ref.calibration_feeds(cfg.calibration_samples)
+    return dict(ex.quantize_nncf(src, out_dir / spec.file, feeds), from_file=src.name)
+
+
 def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, built: dict) -> dict:
-    """Create one variant file; returns the facts recorded in the manifest."""
-    src = out_dir / ex.VARIANTS["fp32"][0]
-    dst = out_dir / ex.VARIANTS[name][0]
-    if name == "opt":
-        return ex.optimize(src, dst, int(ref.model.config.num_attention_heads), int(ref.model.config.hidden_size))
-    if name == "int8":
-        reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
-                             if cfg.int8_reduce_range is not None else ex.default_reduce_range())
-        opt_ok = built.get("opt", {}).get("status") == "ok"
-        base = out_dir / ex.VARIANTS["opt"][0] if opt_ok else src
-        facts = ex.quantize_int8(base, dst, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
-        return dict(facts, reduce_range_reason=why, from_file=base.name)
-    if name == "int4":
-        return dict(ex.quantize_int4(src, dst, block_size=cfg.int4_block_size), from_file=src.name)
-    if name == "fp16":
-        return dict(ex.convert_fp16(src, dst), from_file=src.name)
-    if name == "qdq":
-        feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
-        return dict(ex.quantize_qdq(src, dst, feeds, per_channel=cfg.qdq_per_channel,
-                                    method=cfg.calibration_method,
-                                    exclude_ffn_output=cfg.qdq_exclude == "ffn-output"), from_file=src.name)
-    raise ValueError(name)  # pragma: no cover
+    """Create one variant file with its registered converter; returns the facts for the manifest
+    (a variant without a converter reads an existing file, e.g. OpenVINO FP32 reads model.onnx)."""
+    import importlib
+
+    spec = variants.by_key("onnx", name)
+    if not spec.builder:
+        return {"from_file": spec.built_from}
+    module, attr = spec.builder.split(":")
+    return getattr(importlib.import_module(module), attr)(cfg, ref, out_dir, spec, built)
 
 
 def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict, bool]:
@@ -401,13 +428,18 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         log.info("reference: PyTorch FP32 on %d eval rows of %s, parity shapes %s", len(splits.eval), splits.source,
                  ", ".join(f"{b}x{s}" for b, s in ex.parity_shapes(ref.max_length)))
         fp32_size = ex.file_size(out_dir / "model.onnx")
-        variants: dict[str, dict] = {}
+        variants_: dict[str, dict] = {}
         for name in ["fp32"] + [v for v in OPTIONAL_VARIANTS if v in cfg.variant_list()]:
             t0 = time.perf_counter()
             facts: dict = {}
+            usable, why = variants.by_key("onnx", name).available()
+            if not usable:
+                variants_[name] = _failed(name, why, facts, status="skipped")
+                log.info("%s", _fmt_line(name, variants_[name]))
+                continue
             try:
                 if name != "fp32":
-                    facts = build_variant(cfg, ref, out_dir, name, variants)
+                    facts = build_variant(cfg, ref, out_dir, name, variants_)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
             except PipelineError as exc:
@@ -419,7 +451,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                     raise
                 log.debug("variant %s failed", name, exc_info=True)
                 info = _failed(name, f"{type(exc).__name__}: {ex._first_line(exc)}", facts)
-            variants[name] = info
+            variants_[name] = info
             (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
         metrics = {
             "source": source.name, "source_dir": str(source.model_dir),
@@ -429,31 +461,33 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
             "max_length": ref.max_length, "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
             "accuracy_budget": cfg.accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
-            "variants": variants, "wall_s": round(time.perf_counter() - start, 1),
+            "variants": variants_, "wall_s": round(time.perf_counter() - start, 1),
         }
-        failed = [n for n, v in variants.items() if v["status"] == "failed" and n in ex.FP32_VARIANTS]
+        failed = [n for n, v in variants_.items() if v["status"] == "failed" and n in ex.FP32_VARIANTS]
         status = "failed" if failed else "ok"
         manifest = artifacts.write_manifest(
             out_dir, stage="onnx", status=status, config=cfg.to_dict(), fingerprint=fp,
             inputs={"source": {"name": source.name, "dir": str(source.model_dir), "manifest_digest": source.digest()}},
             outputs=artifacts.list_files(out_dir), metrics=metrics,
-            reason="; ".join(f"{n}: {variants[n]['reason']}" for n in failed) or None)
+            reason="; ".join(f"{n}: {variants_[n]['reason']}" for n in failed) or None)
         if failed:
             raise ex.ExportError(f"onnx/{source.name}: FP32 variant(s) {', '.join(failed)} failed: "
-                                 + "; ".join(variants[n]["reason"] for n in failed)
+                                 + "; ".join(variants_[n]["reason"] for n in failed)
                                  + f" (details in {artifacts.manifest_path(out_dir)})")
     return manifest, False
 
 
-def _failed(name: str, reason: str, facts: dict) -> dict:
-    file, precision, _ = ex.VARIANTS[name]
-    return {"file": file, "precision": precision, "status": "failed", "reason": reason, "size_bytes": None,
-            "devices": [], "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
+def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
+    spec = variants.by_key("onnx", name)
+    return {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
+            "reason": reason, "size_bytes": None, "devices": [], "parity": None, "accuracy": None,
+            "accuracy_delta": None, **facts}
 
 
 def _versions() -> dict:
     env = artifacts.environment()
-    return {k: env.get(k) for k in ("torch", "transformers", "onnxruntime")} | {"onnx": artifacts._version("onnx")}
+    return {k: env.get(k) for k in ("torch", "transformers", "onnxruntime")} | {
+        m: artifacts._version(m) for m in ("onnx", "openvino", "nncf")}
 
 
 # ----------------------------------------------------------------------------- TensorRT

@@ -1,6 +1,9 @@
-"""The Predictor protocol and its implementations (torch eager here; ONNX Runtime and TensorRT
-are added by the export stage). compare.py and the SageMaker handler use these; nothing else
-builds inference sessions by hand.
+"""The Predictor protocol, its torch / ONNX Runtime / TensorRT implementations, and
+:func:`open_predictor`, the one function that turns a registered variant
+(:mod:`bertopt.variants`) and its file into a predictor. The ONNX stage, compare.py (and its
+fresh-process memory probe) and the SageMaker handler use these; nothing else builds inference
+sessions by hand. The OpenVINO predictor lives with its converter in
+:mod:`bertopt.openvino_backend` and is reached through the registry like the others.
 
 A batch is what :func:`bertopt.data.pad_batch` returns: a dict of int64 numpy arrays
 ``input_ids``, ``attention_mask`` and (for BERT) ``token_type_ids``, shape (batch, seq).
@@ -15,9 +18,10 @@ import numpy as np
 @runtime_checkable
 class Predictor(Protocol):
     name: str        # e.g. "torch-fp32", "ort-int8"
-    backend: str     # torch | onnxruntime | tensorrt
+    backend: str     # torch | onnxruntime | tensorrt | openvino
     precision: str   # fp32 | fp16 | bf16 | int8 | int4
     device: str      # cpu | cuda
+    input_names: tuple  # the batch keys the model reads (input_ids, attention_mask[, token_type_ids])
 
     def predict_logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """float32 logits of shape (batch, num_labels)."""
@@ -170,7 +174,81 @@ class TensorRTPredictor:
         return self.runner.run(batch)
 
 
+# ----------------------------------------------------------------------------- OpenVINO
+class OpenVinoPredictor:
+    """An OpenVINO CPU model compiled from ``model.onnx`` (FP32, f32 inference precision forced, so
+    a CPU with bf16/AMX does not silently change the numerics) or from NNCF-quantized IR (INT8).
+    Imports openvino lazily; without it BackendUnavailable names the requirements file."""
+
+    backend = "openvino"
+
+    def __init__(self, path, *, name: str = "ov-fp32", precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None):
+        from pathlib import Path
+
+        from .errors import BackendUnavailable, ModelError
+
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendUnavailable("openvino is not installed (pip install -r requirements-openvino.txt)") from None
+        self.path, self.name, self.precision, self.device = Path(path), name, precision, "cpu"
+        if not self.path.is_file():
+            raise ModelError(f"OpenVINO model not found: {self.path} (run `python onnx_tensorrt.py` to create it)")
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        except Exception as exc:  # openvino raises RuntimeError subclasses with multi-line text
+            text = str(exc).strip()
+            raise ModelError(f"cannot load {self.path} with openvino: {text.splitlines()[0][:300] if text else exc!r}"
+                             " (re-create it with `python onnx_tensorrt.py --force`)") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
+        self._output = self.compiled.outputs[0]
+
+    def predict_logits(self, batch):
+        feed = {n: np.ascontiguousarray(batch[n], dtype=np.int64) for n in self.input_names}
+        out = self.request.infer(feed)[self._output]
+        return np.array(out, dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------- factory
+def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: int | None = None):
+    from .errors import ConfigError
+
+    if device not in DEVICE_PROVIDERS:
+        raise ConfigError(f"device must be one of {', '.join(DEVICE_PROVIDERS)} (got {device!r})")
+    return OrtPredictor(path, name=name, providers=DEVICE_PROVIDERS[device], intra_op_threads=threads,
+                        precision=precision)
+
+
+def open_tensorrt(path, *, name: str, precision: str, device: str = "cuda", threads: int | None = None):
+    return TensorRTPredictor(path, name=name, precision=precision)
+
+
+def open_predictor(spec, path, *, device: str | None = None, threads: int | None = None, name: str | None = None):
+    """The Predictor of a registered variant (:class:`bertopt.variants.VariantSpec` or its row
+    name) whose artifact is ``path`` (a model directory for torch, else the variant's file)."""
+    import importlib
+
+    from . import variants
+
+    if isinstance(spec, str):
+        spec = variants.get(spec)
+    module, attr = spec.opener.split(":")
+    opener = getattr(importlib.import_module(module), attr)
+    return opener(path, name=name or spec.name, precision=spec.precision, device=device or spec.devices[0],
+                  threads=threads)
+
+
+def open_from_dict(d: dict):
+    """open_predictor from a JSON-able dict (what crosses into compare's fresh-process memory probe)."""
+    return open_predictor(d["spec"], d["path"], device=d.get("device"), threads=d.get("threads"),
+                          name=d.get("name"))
+
+
 def _variant_from_manifest(directory, variant):
     from . import artifacts
 
@@ -181,16 +259,17 @@ def _variant_from_manifest(directory, variant):
 
 
 def load_predictor(onnx_dir_or_model_dir, variant: str, device: str = "cpu", threads: int | None = None):
-    """The Predictor for ``variant`` of a stage directory.
+    """The Predictor for ``variant`` of a stage directory (a user-facing name, resolved through
+    the registry):
 
     - ``torch`` (or ``torch-fp32``/``torch-fp16``/``torch-bf16``): a save_pretrained model directory;
-    - ``fp32|opt|int8|int4|fp16|qdq`` (optionally ``ort-`` prefixed): a file of an ONNX stage dir
-      (``saved_models/onnx/<source>``); ``device`` cpu, cuda or tensorrt (execution provider);
+    - ``fp32|opt|int8|int4|fp16|qdq`` (optionally ``ort-`` prefixed) or ``ov-fp32|ov-int8``: a file of
+      an ONNX stage dir (``saved_models/onnx/<source>``); ``device`` cpu, cuda or tensorrt (ORT provider);
     - ``trt-fp32|trt-fp16|trt-int8``: a plan of a TensorRT stage dir (``saved_models/tensorrt/<source>``).
     """
     from pathlib import Path
 
-    from . import export
+    from . import variants
     from .errors import ConfigError, MissingArtifact, ModelError
 
     directory = Path(onnx_dir_or_model_dir)
@@ -202,24 +281,20 @@ def load_predictor(onnx_dir_or_model_dir, variant: str, device: str = "cpu", thr
         dev = "cuda" if device.startswith("cuda") else "cpu"
         return TorchPredictor(str(directory), name=f"torch-{precision}", device=dev, precision=precision,
                               threads=threads)
-    if v.startswith("trt-"):
-        precision = v[4:]
-        plan = directory / f"model.{precision}.plan"
-        if not plan.is_file():
-            raise MissingArtifact(plan, "python onnx_tensorrt.py  # on an NVIDIA GPU with tensorrt installed")
-        return TensorRTPredictor(plan, name=v, precision=precision)
-    v = v[4:] if v.startswith("ort-") else v
-    if v not in export.VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r} (torch, {', '.join(export.VARIANTS)}, trt-fp32, "
-                          "trt-fp16, trt-int8)")
-    file, precision, _ = export.VARIANTS[v]
-    info = _variant_from_manifest(directory, v)
+    name = v if v in variants.REGISTRY else f"ort-{v}"
+    spec = variants.REGISTRY.get(name)
+    if spec is None or spec.stage == "trained":
+        known = [s.name for s in variants.REGISTRY.values() if s.stage != "trained"]
+        raise ConfigError(f"unknown variant {variant!r} (torch, {', '.join(known)})")
+    file = spec.file
+    info = _variant_from_manifest(directory, spec.key) if spec.stage == "onnx" else None
     if info:
-        file, precision = info.get("file") or file, info.get("precision") or precision
+        file = info.get("file") or file
     path = directory / file
     if not path.is_file():
-        raise MissingArtifact(path, "python onnx_tensorrt.py")
-    if device not in DEVICE_PROVIDERS:
-        raise ConfigError(f"device must be one of {', '.join(DEVICE_PROVIDERS)} (got {device!r})")
-    return OrtPredictor(path, name=f"ort-{v}", providers=DEVICE_PROVIDERS[device], intra_op_threads=threads,
-                        precision=precision)
+        hint = "  # on an NVIDIA GPU with tensorrt installed" if spec.backend == "tensorrt" else ""
+        raise MissingArtifact(path, "python onnx_tensorrt.py" + hint)
+    if spec.backend == "onnxruntime":
+        return open_ort(path, name=name, precision=(info or {}).get("precision") or spec.precision,
+                        device=device, threads=threads)
+    return open_predictor(spec, path, threads=threads)

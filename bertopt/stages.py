@@ -114,8 +114,8 @@ ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
 COMPARE = Stage("compare", "compare.py",
                 "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
                 "write reports/results.json and the HTML report",
-                _lazy("compare_stage", "add_compare_args"), _lazy("compare_stage", "build_compare"),
-                _lazy("compare_stage", "run"))
+                _lazy("compare.config", "add_compare_args"), _lazy("compare.config", "build_compare"),
+                _lazy("compare.stage", "run"))
 
 STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
 

@@ -27,13 +27,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import variants as _variants
 from .errors import BackendUnavailable, ConfigError, ModelError
 
 log = logging.getLogger("bertopt.tensorrt")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # precision -> the ONNX file it is built from (strongly typed: the file carries the precision)
-ONNX_SOURCES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.qdq.onnx"}
+ONNX_SOURCES = {s.precision: s.built_from for s in _variants.for_stage("tensorrt")}
+PLAN_FILES = {s.precision: s.file for s in _variants.for_stage("tensorrt")}
 DEFAULT_MIN_SHAPE = "1x1"
 DEFAULT_OPT_SHAPE = "8x128"
 DEFAULT_MAX_BATCH = 64
@@ -280,7 +282,7 @@ def build_engines(onnx_dir: str | os.PathLike, trt_dir: str | os.PathLike, preci
             log.warning("x trt-%s skipped: %s", precision, plan["skip"])
             continue
         try:
-            engines[precision] = build_engine(trt, plan, Path(trt_dir) / f"model.{precision}.plan", profile, workspace_mb)
+            engines[precision] = build_engine(trt, plan, Path(trt_dir) / PLAN_FILES[precision], profile, workspace_mb)
             log.info("✓ trt-%s built from %s in %.1fs (%.1f MB)", precision, Path(plan["onnx"]).name,
                      engines[precision]["build_s"], engines[precision]["size_bytes"] / 2**20)
         except ModelError as exc:

@@ -1,0 +1,88 @@
+"""The OpenVINO backend, added through the variant registry alone: FP32 from model.onnx, INT8 by
+NNCF. Both sides are covered: with the module hidden (rows 'skipped' with the reason) and, where
+requirements-openvino.txt is installed (CI installs it), built, checked and measured."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertopt import artifacts, variants
+from bertopt.config import TrainConfig
+from bertopt.errors import BackendUnavailable
+
+
+@pytest.fixture(scope="module")
+def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    out = tmp_path_factory.mktemp("ov_saved_models")
+    d = out / "baseline"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
+                      device="cpu")
+    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
+                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
+    return d
+
+
+def _run_onnx(out: Path, **kw):
+    from bertopt.onnx_stage import OnnxConfig, run
+
+    return run(OnnxConfig(output_dir=str(out), quiet=True, calibration_samples=32, variants="ov-fp32,ov-int8", **kw))
+
+
+@pytest.fixture()
+def hide_openvino(monkeypatch):
+    for name in ("openvino", "nncf"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec raises
+
+
+def test_registry_holds_the_backend_in_one_place():
+    fp32, int8 = variants.get("ov-fp32"), variants.get("ov-int8")
+    assert fp32.backend == int8.backend == "openvino" and fp32.file == "model.onnx"
+    assert int8.built_from == "model.onnx" and int8.builder and int8.targets == ("cpu",)
+    assert {"ov-fp32", "ov-int8"} <= set(variants.onnx_keys(("openvino",)))
+
+
+def test_without_openvino_variants_are_skipped_with_the_reason(tmp_path, tiny_baseline, hide_openvino):
+    from bertopt.compare.discover import discover
+    from bertopt.runtimes import OpenVinoPredictor
+
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    m = json.loads((tmp_path / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]
+    for key in ("ov-fp32", "ov-int8"):
+        assert m[key]["status"] == "skipped" and "requirements-openvino.txt" in m[key]["reason"], m[key]
+    assert not (tmp_path / "onnx" / "baseline" / "model.ov-int8.xml").exists()
+    rows = {v.name: v for v in discover(tmp_path, "cpu")[0]}
+    assert rows["ov-int8"].status == "skipped" and "openvino" in rows["ov-int8"].reason.lower()
+    with pytest.raises(BackendUnavailable, match="requirements-openvino.txt"):
+        OpenVinoPredictor(tmp_path / "onnx" / "baseline" / "model.onnx")
+
+
+def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(tmp_path, tiny_baseline):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from bertopt.compare.discover import discover
+    from bertopt.runtimes import OrtPredictor, open_predictor
+
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    d = tmp_path / "onnx" / "baseline"
+    m = json.loads((d / "manifest.json").read_text())["metrics"]["variants"]
+    assert m["ov-fp32"]["status"] == "ok", m["ov-fp32"]
+    assert m["ov-fp32"]["parity"]["max_abs_diff"] < 1e-4  # same graph, f32 inference precision
+    assert m["ov-int8"]["status"] in ("ok", "rejected"), m["ov-int8"]
+    assert (d / "model.ov-int8.xml").is_file() and (d / "model.ov-int8.bin").is_file()
+    assert m["ov-int8"]["size_bytes"] == (d / "model.ov-int8.xml").stat().st_size + (d / "model.ov-int8.bin").stat().st_size
+    assert 0 <= m["ov-int8"]["accuracy"] <= 1
+    rows = {v.name: v for v in discover(tmp_path, "cpu")[0]}
+    assert rows["ov-fp32"].status == "ok" and rows["ov-fp32"].backend == "openvino"
+    ov = open_predictor("ov-fp32", d / "model.onnx", threads=1)
+    ort = OrtPredictor(d / "model.onnx")
+    import numpy as np
+
+    batch = {"input_ids": np.array([[101, 2000, 2001, 102]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 4), dtype=np.int64)}
+    assert set(ov.input_names) == set(ort.input_names)
+    np.testing.assert_allclose(ov.predict_logits(batch), ort.predict_logits(batch), atol=1e-4)
