@@ -19,6 +19,9 @@ class Stage:
     run: Callable[[object], cli.StageResult]
     optional: bool = False  # optional stages run only when enabled_by(ns) says so
     enabled_by: Callable[[argparse.Namespace], bool] | None = None
+    # main.py's end-to-end defaults for this stage's unset flags: (ns, names of the stages that
+    # will run) -> {dest: value}; the stage scripts alone keep their dataclass defaults
+    pipeline_defaults: Callable[[argparse.Namespace, set], dict] | None = None
 
 
 def _run_baseline(cfg):
@@ -107,15 +110,22 @@ def _lazy(module: str, name: str):
     return call
 
 
+def _onnx_pipeline_defaults(ns, running: set) -> dict:
+    # the ONNX graphs of the mixed-precision model are the baseline's graphs with other weights
+    # (same speed); exporting and timing them again would double the default run's compare
+    return {"source": ",".join(["baseline"] + (["pruned"] if "prune" in running else []))}
+
+
 ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
-                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), TensorRT engines "
-                      "(skipped without an NVIDIA GPU)",
-                      _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"))
+                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), OpenVINO FP32/INT8 "
+                      "(with requirements-openvino.txt), TensorRT engines (skipped without an NVIDIA GPU)",
+                      _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"),
+                      pipeline_defaults=_onnx_pipeline_defaults)
 COMPARE = Stage("compare", "compare.py",
                 "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
                 "write reports/results.json and the HTML report",
                 _lazy("compare.config", "add_compare_args"), _lazy("compare.config", "build_compare"),
-                _lazy("compare.stage", "run"))
+                _lazy("compare.stage", "run"), pipeline_defaults=lambda ns, running: {"protocol_name": "fast"})
 
 STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
 

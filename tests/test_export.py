@@ -289,7 +289,7 @@ def test_decide_status():
 @pytest.mark.parametrize("kwargs, text", [
     ({"opset": 13}, "--opset"),
     ({"variants": "opt,int3"}, "--variants"),
-    ({"accuracy_budget": -0.1}, "--accuracy-budget"),
+    ({"onnx_accuracy_budget": -0.1}, "--onnx-accuracy-budget"),
     ({"int4_block_size": 24}, "--int4-block-size"),
     ({"calibration_method": "mse"}, "--calibration-method"),
     ({"trt_min_shapes": "9x1"}, "min <= opt <= max"),
@@ -309,7 +309,7 @@ def test_script_help_and_error_exit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         onnx_tensorrt.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--accuracy-budget" in capsys.readouterr().out
+    assert "--onnx-accuracy-budget" in capsys.readouterr().out
     assert onnx_tensorrt.main(["--output-dir", str(tmp_path), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "error: missing input" in err and "python benchmark.py" in err and "Traceback" not in err

@@ -118,38 +118,49 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
 def add_compare_args(parser) -> None:
+    from functools import partial
+
     from .. import cli
 
     cli.add_common_args(parser)
     g = parser.add_argument_group("comparison options")
-    cli.add(g, "--optimize-for", choices=OPTIMIZE_FOR,
-            help="recommend the highest end-to-end throughput or the lowest p50 latency (default: throughput)")
-    cli.add(g, "--target", choices=TARGETS, help="deploy target the recommendation must run on (default: cpu)")
-    cli.add(g, "--accuracy-budget", type=float, metavar="F",
-            help="largest accuracy drop vs the FP32 baseline a recommended variant may have, as a "
-                 "fraction (default: 0.01 = 1 point)")
-    cli.add(g, "--protocol", dest="protocol_name", choices=tuple(PROTOCOLS),
-            help="full (default): every measurement 5 times, 4x4 sweep, memory of every variant; fast (main.py's "
-                 "default): stop at 3 repeats once the spread is within 5%%, the 2x2 sweep the headline uses, memory "
-                 "only of recommendable variants; quick: the --quick protocol")
-    cli.add(g, "--quick", action="store_true", default=None,
-            help="reduced protocol for CI/smoke runs: 3 repeats, 200 eval texts, 24 latency requests, "
-                 "a 2x2 sweep")
-    cli.add(g, "--threads", type=int, metavar="N",
-            help="CPU threads for every variant (fixed and recorded; default: all usable cores)")
-    cli.add(g, "--repeats", type=int, metavar="N", help="timed repeats per measurement (default: 5; >= 5 unless --quick)")
-    cli.add(g, "--warmup", type=int, metavar="N", help="untimed warm-up rounds (default: 2)")
-    cli.add(g, "--latency-requests", type=int, metavar="N",
-            help="single requests timed per variant for the latency percentiles (default: 200)")
-    cli.add(g, "--sweep-batches", metavar="A,B", help="sweep batch sizes (default: 1,8,32,64)")
-    cli.add(g, "--sweep-seqs", metavar="A,B", help="sweep sequence lengths (default: 32,64,128,256; "
-                                                  "clamped to the model's maximum positions)")
-    cli.add(g, "--skip-memory", action="store_true", default=None,
-            help="do not start a fresh process per variant to measure peak memory and load time")
-    cli.add(g, "--report-only", action="store_true", default=None,
-            help="re-render summary.md and the HTML report from the existing results.json (with other "
-                 "--optimize-for/--target/--accuracy-budget values: recommend again from those measurements)")
+    add = partial(cli.add, g, config=CompareConfig)
+    full, quick, fast = FULL_PROTOCOL, QUICK_PROTOCOL, FAST_PROTOCOL
+    add("--optimize-for", choices=OPTIMIZE_FOR,
+        help="recommend the highest end-to-end throughput or the lowest p50 latency (default: {default})")
+    add("--target", choices=TARGETS, help="deploy target the recommendation must run on (default: {default})")
+    add("--accuracy-budget", type=float, metavar="F",
+        help="largest accuracy drop vs the FP32 baseline a recommended variant may have, as a "
+             "fraction (default: {default}; the ONNX stage's rejection budget is --onnx-accuracy-budget)")
+    add("--protocol", dest="protocol_name", choices=tuple(PROTOCOLS),
+        help=f"full (default for compare.py): {full['repeats']} timed repeats, a {_csv(full['sweep_batches'])} x "
+             f"{_csv(full['sweep_seqs'])} sweep, memory of every variant; fast (main.py's default): stop after "
+             f"{fast['min_repeats']} repeats once every spread is within {100 * fast['spread_tolerance']:.0f}%%, "
+             "the sweep cells the headline and plots use, memory of recommendable variants only; quick: --quick")
+    add("--quick", action="store_true", default=None,
+        help=f"reduced protocol for CI/smoke runs: {quick['repeats']} repeats, {quick['max_eval_samples']} eval "
+             f"texts, {quick['latency_requests']} latency requests, a {_csv(quick['sweep_batches'])} x "
+             f"{_csv(quick['sweep_seqs'])} sweep")
+    add("--threads", type=int, metavar="N",
+        help="CPU threads for every variant (fixed and recorded; default: all usable cores)")
+    add("--repeats", type=int, metavar="N",
+        help=f"timed repeats per measurement (default: {full['repeats']}; >= 5 unless --quick)")
+    add("--warmup", type=int, metavar="N", help=f"untimed warm-up rounds (default: {full['warmup']})")
+    add("--latency-requests", type=int, metavar="N",
+        help=f"single requests timed per variant for the latency percentiles (default: {full['latency_requests']})")
+    add("--sweep-batches", metavar="A,B", help=f"sweep batch sizes (default: {_csv(full['sweep_batches'])})")
+    add("--sweep-seqs", metavar="A,B", help=f"sweep sequence lengths (default: {_csv(full['sweep_seqs'])}; "
+                                            "clamped to the model's maximum positions)")
+    add("--skip-memory", action="store_true", default=None,
+        help="do not start a fresh process per variant to measure peak memory and load time")
+    add("--report-only", action="store_true", default=None,
+        help="re-render summary.md and the HTML report from the existing results.json (with other "
+             "--optimize-for/--target/--accuracy-budget values: recommend again from those measurements)")
 
 
 def build_compare(ns) -> CompareConfig:
