@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import logs
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, first_line
 
 
 @dataclass
@@ -181,7 +181,7 @@ def load_config_file(path: str) -> dict:
             data = json.loads(text)
     except Exception as exc:  # parse errors of either format
         raise ConfigError(f"--config {path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
-                          f"({str(exc).splitlines()[0]})") from None
+                          f"({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

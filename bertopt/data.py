@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 log = logging.getLogger("bertopt.data")
 
@@ -72,7 +72,7 @@ def read_table(path: Path):
     except DataError:
         raise
     except (UnicodeDecodeError, ValueError, OSError, Exception) as exc:  # pandas/pyarrow raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot read {path}: {first}") from None
     if df.shape[1] == 0:
         raise DataError(f"{path} has no columns (is it empty?)")
@@ -191,7 +191,7 @@ def _load_hub(name: str) -> tuple[dict, str]:
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(repo, subset) if subset else datasets.load_dataset(repo)
     except Exception as exc:  # offline, hub errors, missing package
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         env = os.environ.get("BERTOPT_DATA_DIR")
         raise DataError(
             f"data set {name!r} not found locally and the hub is unreachable ({first}). "

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from . import variants as _variants
-from .errors import ModelError, PipelineError
+from .errors import ModelError, PipelineError, first_line
 
 log = logging.getLogger("bertopt.export")
 
@@ -61,11 +61,6 @@ def file_size(path: str | os.PathLike) -> int:
     return size
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:300] if text else type(exc).__name__)
-
-
 def load_onnx(path: str | os.PathLike):
     """onnx.load with a ModelError naming the file when it is missing, truncated or not ONNX."""
     import onnx
@@ -76,7 +71,7 @@ def load_onnx(path: str | os.PathLike):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # google.protobuf DecodeError, OSError, ...
-        raise ModelError(f"{path} is not a readable ONNX model ({_first_line(exc)}); the file is corrupt or "
+        raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)}); the file is corrupt or "
                          "truncated: re-create it with `python onnx_tensorrt.py --force`") from None
     if not model.graph.node:
         raise ModelError(f"{path} holds an empty ONNX graph; the file is corrupt or truncated: re-create it "
@@ -180,10 +175,6 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, opset
 
 
 # ----------------------------------------------------------------------------- ORT fusion
-FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
-             "LayerNormalization", "BiasGelu", "Gelu", "FastGelu")
-
-
 def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hidden_size: int,
              model_type: str = "bert", require_attention: bool = True) -> dict:
     """Offline graph fusion with onnxruntime.transformers.optimizer (no ORT runtime level: the
@@ -411,11 +402,6 @@ def compare_logits(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
             "argmax_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()) if len(ref) else 1.0,
             "rows": int(len(ref))}
 
-
-def merge_parity(*parts: dict) -> dict:
-    rows = sum(p["rows"] for p in parts)
-    agree = sum(p["argmax_agreement"] * p["rows"] for p in parts) / max(rows, 1)
-    return {"max_abs_diff": max(p["max_abs_diff"] for p in parts), "argmax_agreement": agree, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- OpenVINO (optional)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import DEFAULT_MODEL
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger("bertopt.modeling")
 
@@ -35,7 +35,7 @@ def resolve_model(model: str) -> str:
 
 
 def _load_error(model: str, exc: Exception) -> ModelError:
-    first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     return ModelError(f"cannot load model {model!r}: {first} (give a local model directory or a "
                       "reachable Hugging Face model id with --model)")
 

@@ -23,7 +23,7 @@ from . import artifacts, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, first_line
 from .logs import stage_logging
 from .reference import Reference, accuracy
 from .tensorrt_stage import tensorrt_source
@@ -336,7 +336,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                 if name == "fp32":
                     raise
                 log.debug("variant %s failed", name, exc_info=True)
-                info = _failed(name, f"{type(exc).__name__}: {ex._first_line(exc)}", facts)
+                info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
             variants_[name] = info
             (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
         metrics = {

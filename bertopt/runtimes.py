@@ -91,7 +91,7 @@ class OrtPredictor:
 
         import onnxruntime as ort
 
-        from .errors import BackendUnavailable, ConfigError, ModelError
+        from .errors import BackendUnavailable, ConfigError, ModelError, first_line
 
         self.path = Path(path)
         if graph_optimization_level not in GRAPH_LEVELS:
@@ -117,7 +117,7 @@ class OrtPredictor:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented, ...
             text = str(exc).strip()
-            first = text.splitlines()[0][:300] if text else type(exc).__name__
+            first = first_line(exc)
             if "protobuf" in text.lower() or "invalid_protobuf" in text.lower() or self.path.stat().st_size == 0:
                 reason = "the file is corrupt or truncated"
             else:
@@ -186,7 +186,7 @@ class OpenVinoPredictor:
                  threads: int | None = None):
         from pathlib import Path
 
-        from .errors import BackendUnavailable, ModelError
+        from .errors import BackendUnavailable, ModelError, first_line
 
         try:
             import openvino as ov
@@ -201,8 +201,7 @@ class OpenVinoPredictor:
         try:
             self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
         except Exception as exc:  # openvino raises RuntimeError subclasses with multi-line text
-            text = str(exc).strip()
-            raise ModelError(f"cannot load {self.path} with openvino: {text.splitlines()[0][:300] if text else exc!r}"
+            raise ModelError(f"cannot load {self.path} with openvino: {first_line(exc)}"
                              " (re-create it with `python onnx_tensorrt.py --force`)") from None
         self.request = self.compiled.create_infer_request()
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)

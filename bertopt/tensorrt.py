@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import variants as _variants
-from .errors import BackendUnavailable, ConfigError, ModelError
+from .errors import BackendUnavailable, ConfigError, ModelError, first_line
 
 log = logging.getLogger("bertopt.tensorrt")
 
@@ -36,7 +36,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # precision -> the ONNX file it is built from (strongly typed: the file carries the precision)
 ONNX_SOURCES = {s.precision: s.built_from for s in _variants.for_stage("tensorrt")}
 PLAN_FILES = {s.precision: s.file for s in _variants.for_stage("tensorrt")}
-DEFAULT_MIN_SHAPE = "1x1"
 DEFAULT_OPT_SHAPE = "8x128"
 DEFAULT_MAX_BATCH = 64
 INSTALL_HINT = "pip install -r requirements-gpu.txt on a machine with an NVIDIA GPU"
@@ -108,7 +107,7 @@ def import_tensorrt():
     except ImportError as exc:
         raise BackendUnavailable(f"the tensorrt Python package is not installed ({exc}); {INSTALL_HINT}") from None
     except Exception as exc:  # broken install: missing libnvinfer, CUDA driver mismatch
-        raise BackendUnavailable(f"tensorrt cannot be imported: {str(exc).splitlines()[0][:200]}") from None
+        raise BackendUnavailable(f"tensorrt cannot be imported: {first_line(exc)}") from None
     major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
     if major < 10:
         raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: TensorRT >= 10 is required "

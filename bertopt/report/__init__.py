@@ -10,6 +10,7 @@ from typing import Optional
 
 from .. import artifacts
 from ..errors import PipelineError
+from ..results import get as results_get
 
 TEMPLATE = "template.html.j2"
 
@@ -127,16 +128,8 @@ def render_html(results: dict) -> str:
     env.filters["num"] = _num
     env.filters["mb"] = _mb
     env.filters["pct"] = lambda v, spec=".1f": _num(None if _missing(v) else 100 * v, spec)
-    env.filters["get"] = lambda d, *keys: _dig(d, *keys)
+    env.filters["get"] = lambda d, *keys: results_get(d, *keys)
     return env.get_template(TEMPLATE).render(**build_context(results))
-
-
-def _dig(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
 
 
 def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:

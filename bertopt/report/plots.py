@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..results import get as _get  # noqa: E402
+
 BACKEND_COLORS = {"torch": "#e07b39", "onnxruntime": "#3b75af", "tensorrt": "#519e3e"}
 REC_COLOR = "#c0392b"
 RADAR_ACCURACY_SPAN = 0.05  # accuracy axis: 1 at the best accuracy, 0 at 5 points below it
@@ -39,14 +41,6 @@ def measured(results: dict) -> list[dict]:
 
 def _rec(results: dict) -> Optional[str]:
     return (results.get("recommendation") or {}).get("variant")
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
 
 
 # ----------------------------------------------------------------------------- throughput bars
