@@ -63,6 +63,24 @@ def round_robin_order(names: Sequence[str], rounds: int) -> list[list[str]]:
     return [names[r % n:] + names[:r % n] for r in range(rounds)]
 
 
+def _guarded_round(tasks, order, timed, guard, max_share: float, retries_left: int, min_guarded_s: float):
+    """One timed round, measured again (up to ``retries_left`` times) while other processes took
+    more than ``max_share`` of the CPU; returns (durations, other share, retries used)."""
+    used = 0
+    while True:
+        watch = guard() if guard else None
+        got = {name: timed(name) for name in order}
+        share = watch() if watch else None
+        if (share is not None and share > max_share and used < retries_left
+                and sum(got.values()) >= min_guarded_s):  # shorter rounds: too few clock ticks
+            used += 1
+            for name in order:  # tasks that keep their own records drop the discarded call
+                getattr(tasks[name], "discard_last", lambda: None)()
+            log.info("other processes took %.0f%% of the CPU during a timed round: measuring it again", 100 * share)
+            continue
+        return got, share, used
+
+
 def relative_spread(values: Sequence[float]) -> float:
     """(max - min) / median of a sample (inf for an empty one or a zero median)."""
     if not len(values):
@@ -134,19 +152,9 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     results: dict[str, list[float]] = {name: [] for name in names}
     retries, shares = 0, []
     for r, order in enumerate(round_robin_order(names, repeats)):
-        while True:
-            watch = guard() if guard else None
-            got = {name: timed(name) for name in order}
-            share = watch() if watch else None
-            if (share is not None and share > max_share and retries < max_retries
-                    and sum(got.values()) >= min_guarded_s):  # shorter rounds: too few clock ticks
-                retries += 1
-                for name in order:  # tasks that keep their own records drop the discarded call
-                    getattr(tasks[name], "discard_last", lambda: None)()
-                log.info("other processes took %.0f%% of the CPU during a timed round: measuring it again",
-                         100 * share)
-                continue
-            break
+        got, share, retried = _guarded_round(tasks, order, timed, guard, max_share, max_retries - retries,
+                                             min_guarded_s)
+        retries += retried
         shares.append(share)
         for name in order:
             results[name].append(got[name])
