@@ -86,3 +86,44 @@ def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(tmp_path,
              "token_type_ids": np.zeros((1, 4), dtype=np.int64)}
     assert set(ov.input_names) == set(ort.input_names)
     np.testing.assert_allclose(ov.predict_logits(batch), ort.predict_logits(batch), atol=1e-4)
+
+
+def test_a_recommended_openvino_variant_is_packaged_and_served(tmp_path, tiny_baseline):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bertopt.aws import packaging
+    from bertopt.aws.serving import inference
+
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    d = tmp_path / "onnx" / "baseline"
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rec = {"variant": "ov-int8", "backend": "openvino", "precision": "int8", "source": "baseline", "device": "cpu",
+           "path": str(d / "model.ov-int8.xml"), "model_dir": str(d), "onnx_variant": "ov-int8",
+           "registry": "ov-int8", "reason": "test"}
+    (reports / "results.json").write_text(json.dumps({"recommendation": rec}))
+    cfg = SimpleNamespace(reports_dir=str(reports), model_path=None, variant=None, gpu=False, max_length=64,
+                          max_batch=8, max_chars=100, vendor_wheels=None)
+    choice = packaging.resolve_model(cfg)
+    assert choice.backend == "openvino" and choice.path.name == "model.ov-int8.xml"
+    members = dict(packaging.archive_members(choice, cfg))
+    assert {"model.ov-int8.xml", "model.ov-int8.bin", "serving.json", "code/bertopt_runtime/runtimes.py"} <= set(members)
+    assert b"openvino==" in members["code/requirements.txt"]
+    settings = json.loads(members["serving.json"])
+    pred = inference._make_predictor(str(d), settings)
+    batch = {"input_ids": np.array([[101, 2000, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 3), dtype=np.int64)}
+    assert pred.backend == "openvino" and pred.predict_logits(batch).shape == (1, 2)
+
+
+def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_path, hide_openvino):
+    from bertopt.errors import BackendUnavailable
+    from bertopt.aws.serving import inference
+
+    with pytest.raises(BackendUnavailable, match="openvino is not installed"):
+        inference._make_predictor(str(tmp_path), {"backend": "openvino", "model_file": "model.onnx"})

@@ -32,7 +32,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]          # bertopt/
 HANDLER_SOURCE = Path(__file__).resolve().parent / "serving" / "inference.py"
 VENDORED_PACKAGE = "bertopt_runtime"
 # what serving/inference.py uses from bertopt (module -> symbols)
-VENDOR_ROOTS = {"runtimes": ("OrtPredictor", "TorchPredictor"), "data": ("tokenize", "pad_batch")}
+VENDOR_ROOTS = {"runtimes": ("OrtPredictor", "TorchPredictor", "OpenVinoPredictor"), "data": ("tokenize", "pad_batch")}
+FILE_BACKENDS = ("onnxruntime", "openvino")  # backends served from one model file (+ its companions)
 ARCHIVE_NAME = "model.tar.gz"
 FIXED_MTIME = 946684800                                       # 2000-01-01: reproducible archives
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -207,7 +208,7 @@ def _from_variant(cfg) -> ModelChoice:
 
 
 def results_path(cfg) -> Path:
-    return Path(cfg.reports_dir) / "results.json"
+    return artifacts.results_path(cfg.reports_dir)
 
 
 def _from_recommendation(cfg) -> ModelChoice:
@@ -229,22 +230,25 @@ def _from_recommendation(cfg) -> ModelChoice:
         raise PipelineError(f"{what} is a TensorRT engine, which is built for one GPU model and does not run "
                             "in the Hugging Face inference container; deploy an ONNX variant with --variant "
                             "(e.g. --variant fp16 on a GPU instance) or --variant torch")
-    if backend not in ("onnxruntime", "torch"):
-        raise PipelineError(f"{what}: unknown backend {backend!r}")
+    from .. import variants
+
+    spec = variants.REGISTRY.get(rec.get("registry") or "")
+    if backend not in ("torch",) + FILE_BACKENDS or (spec is not None and not spec.deployable):
+        raise PipelineError(f"{what}: backend {backend!r} cannot be served by the endpoint handler")
     model_dir = Path(rec.get("model_dir") or rec.get("path") or "")
     model_path = Path(rec["path"]) if rec.get("path") else None
-    if backend == "onnxruntime" and (model_path is None or model_path.is_dir()):
+    if backend in FILE_BACKENDS and (model_path is None or model_path.is_dir()):
         # a row that names its ONNX variant rather than the file: look the file up in the stage manifest
         manifest = artifacts.read_manifest(model_dir) or {}
         entry = ((manifest.get("metrics") or {}).get("variants") or {}).get(rec.get("onnx_variant") or "")
         model_path = model_dir / entry["file"] if entry else None
     if model_path is None or not model_path.exists():
         raise MissingArtifact(model_path or model_dir, artifacts.producing_command(
-            "onnx" if backend == "onnxruntime" else (rec.get("source") or "baseline")))
+            "onnx" if backend in FILE_BACKENDS else (rec.get("source") or "baseline")))
     if backend == "torch" and not rec.get("model_dir"):
         model_dir = model_path
     _check_model_dir(model_dir, what)
-    if backend == "onnxruntime":
+    if backend in FILE_BACKENDS:
         manifest, entry = _onnx_variant_info(model_path.parent, model_path.name)
         identity = artifacts.manifest_digest(model_path.parent) or _file_digest(model_path)
     else:
@@ -254,7 +258,7 @@ def _from_recommendation(cfg) -> ModelChoice:
         raise PipelineError(f"{what} was measured on cuda; deploy it on a GPU --instance-type (e.g. ml.g5.xlarge) "
                             "or choose a CPU variant with --variant (or re-run compare.py --target cpu)")
     metrics = (manifest or {}).get("metrics") or {}
-    return ModelChoice(variant=rec.get("variant") or (_variant_from_file(model_path) if backend == "onnxruntime"
+    return ModelChoice(variant=rec.get("variant") or (_variant_from_file(model_path) if backend in FILE_BACKENDS
                                                       else "torch-fp32"),
                        backend=backend, precision=rec.get("precision") or (entry or {}).get("precision") or "fp32",
                        path=model_path, model_dir=model_dir,
@@ -339,6 +343,8 @@ def requirements(choice: ModelChoice, gpu: bool) -> list[str]:
     """What the container must pip-install beyond the Hugging Face DLC (torch, transformers, numpy)."""
     if choice.backend == "onnxruntime":
         return [f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}=={_ort_version()}"]
+    if choice.backend == "openvino":
+        return [f"openvino=={artifacts._version('openvino')}"]
     return []
 
 
@@ -406,7 +412,7 @@ def _onnx_external_files(onnx_file: Path) -> list[Path]:
 def serving_settings(choice: ModelChoice, cfg) -> dict:
     return {"variant": choice.variant, "backend": choice.backend, "precision": choice.precision,
             "source": choice.source,
-            "model_file": choice.path.name if choice.backend == "onnxruntime" else None,
+            "model_file": choice.path.name if choice.backend in FILE_BACKENDS else None,
             "label_names": list(choice.label_names), "max_length": choice.max_length,
             "max_batch": cfg.max_batch, "max_chars": cfg.max_chars,
             "device": "cuda" if getattr(cfg, "gpu", False) else "cpu"}
@@ -419,6 +425,10 @@ def archive_members(choice: ModelChoice, cfg) -> list[tuple[str, object]]:
         members[choice.path.name] = choice.path
         for f in _onnx_external_files(choice.path):
             members[f.name] = f
+    elif choice.backend == "openvino":  # model.onnx, or OpenVINO IR: the .xml and its .bin weights
+        members[choice.path.name] = choice.path
+        if choice.path.suffix == ".xml":
+            members[choice.path.with_suffix(".bin").name] = choice.path.with_suffix(".bin")
     else:
         for name in TORCH_WEIGHTS:
             if (choice.path / name).is_file():

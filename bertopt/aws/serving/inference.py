@@ -128,6 +128,10 @@ def _make_predictor(model_dir: str, settings: dict):
         path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
         return _runtimes.OrtPredictor(path, name=name, providers=_providers(settings),
                                       intra_op_threads=_threads(), precision=settings.get("precision", "fp32"))
+    if backend == "openvino":  # Intel CPU hosts; the archive pins openvino in code/requirements.txt
+        path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
+        return _runtimes.OpenVinoPredictor(path, name=name or "ov-fp32", precision=settings.get("precision", "fp32"),
+                                           threads=_threads())
     if backend == "torch":
         device = "cpu"
         if settings.get("device") == "cuda":
@@ -139,7 +143,7 @@ def _make_predictor(model_dir: str, settings: dict):
             precision = "fp32"
         return _runtimes.TorchPredictor(model_dir, name=name or f"torch-{precision}", device=device,
                                         precision=precision, threads=_threads())
-    raise ValueError(f"{SETTINGS_FILE}: unknown backend {backend!r} (expected onnxruntime or torch)")
+    raise ValueError(f"{SETTINGS_FILE}: unknown backend {backend!r} (expected onnxruntime, openvino or torch)")
 
 
 # ---------------------------------------------------------------------------------- the hooks
