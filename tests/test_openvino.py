@@ -127,3 +127,37 @@ def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_
 
     with pytest.raises(BackendUnavailable, match="openvino is not installed"):
         inference._make_predictor(str(tmp_path), {"backend": "openvino", "model_file": "model.onnx"})
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["hidden", "installed"])
+def test_compare_and_the_report_show_the_openvino_rows(tmp_path, tiny_baseline, monkeypatch, installed):
+    import compare
+
+    if installed:
+        pytest.importorskip("openvino")
+        pytest.importorskip("nncf")
+    else:
+        for name in ("openvino", "nncf"):
+            monkeypatch.setitem(sys.modules, name, None)
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    reports = tmp_path / "reports"
+    assert compare.main(["--output-dir", str(tmp_path), "--reports-dir", str(reports), "--quick", "--quiet",
+                         "--skip-memory", "--sweep-batches", "1,4", "--sweep-seqs", "16", "--latency-requests", "4",
+                         "--threads", "1"]) == 0
+    res = json.loads((reports / "results.json").read_text())
+    by = {r["name"]: r for r in res["variants"]}
+    summary = (reports / "summary.md").read_text()
+    html = (reports / "performance_report.html").read_text()
+    assert res["protocol"]["name"] == "quick"
+    if installed:
+        for name in ("ov-fp32", "ov-int8"):
+            assert by[name]["status"] == "ok" and by[name]["backend"] == "openvino", by[name]
+            assert by[name]["throughput"]["samples_per_s"]["median"] > 0 and 0 <= by[name]["accuracy"] <= 1
+            assert f"| {name} | openvino |" in summary or f"| **{name}** ★ | openvino |" in summary
+            assert name in html
+    else:
+        for name in ("ov-fp32", "ov-int8"):
+            assert by[name]["status"] == "skipped" and "requirements-openvino.txt" in by[name]["reason"]
+            assert f"- {name} (skipped):" in summary
+        assert "requirements-openvino.txt" in html
