@@ -104,3 +104,22 @@ def trained_tiny(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     result = run_baseline(tiny_train_config(tiny_model_dir, tiny_data_dir, out))
     assert result.status == "ok"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """A finished baseline stage dir holding the (untrained) tiny BERT: what the stage reads from
+    a trained source, without spending a minute of CPU on training."""
+    import shutil
+
+    from bertopt import artifacts
+    from bertopt.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("saved_models")
+    d = out / "baseline"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
+                      device="cpu")
+    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
+                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
+    return d

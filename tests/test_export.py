@@ -171,22 +171,6 @@ def onnx_config(output_dir, **kw):
     return OnnxConfig(output_dir=str(output_dir), quiet=True, calibration_samples=64, **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
-    """A finished baseline stage dir holding the (untrained) tiny BERT: what the stage reads from
-    a trained source, without spending a minute of CPU on training."""
-    from bertopt.config import TrainConfig
-
-    out = tmp_path_factory.mktemp("saved_models")
-    d = out / "baseline"
-    shutil.copytree(tiny_model_dir, d)
-    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
-                      device="cpu")
-    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
-                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
-    return d
-
-
 @pytest.fixture()
 def stage_out(tmp_path, tiny_baseline) -> Path:
     """A private output dir holding a copy of the tiny baseline (the stage writes beside it)."""

@@ -8,21 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bertopt import artifacts, variants
-from bertopt.config import TrainConfig
+from bertopt import variants
 from bertopt.errors import BackendUnavailable
-
-
-@pytest.fixture(scope="module")
-def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
-    out = tmp_path_factory.mktemp("ov_saved_models")
-    d = out / "baseline"
-    shutil.copytree(tiny_model_dir, d)
-    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
-                      device="cpu")
-    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
-                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
-    return d
 
 
 def _run_onnx(out: Path, **kw):
@@ -37,6 +24,21 @@ def hide_openvino(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec raises
 
 
+@pytest.fixture()
+def with_openvino():
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_baseline) -> Path:
+    """tmp_path holding the tiny baseline and its ONNX stage, run for the OpenVINO variants (request
+    it after hide_openvino / with_openvino)."""
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    return tmp_path
+
+
 def test_registry_holds_the_backend_in_one_place():
     fp32, int8 = variants.get("ov-fp32"), variants.get("ov-int8")
     assert fp32.backend == int8.backend == "openvino" and fp32.file == "model.onnx"
@@ -44,12 +46,11 @@ def test_registry_holds_the_backend_in_one_place():
     assert {"ov-fp32", "ov-int8"} <= set(variants.onnx_keys(("openvino",)))
 
 
-def test_without_openvino_variants_are_skipped_with_the_reason(tmp_path, tiny_baseline, hide_openvino):
+def test_without_openvino_variants_are_skipped_with_the_reason(hide_openvino, built):
     from bertopt.compare.discover import discover
     from bertopt.runtimes import OpenVinoPredictor
 
-    shutil.copytree(tiny_baseline, tmp_path / "baseline")
-    assert _run_onnx(tmp_path).status == "ok"
+    tmp_path = built
     m = json.loads((tmp_path / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]
     for key in ("ov-fp32", "ov-int8"):
         assert m[key]["status"] == "skipped" and "requirements-openvino.txt" in m[key]["reason"], m[key]
@@ -60,14 +61,11 @@ def test_without_openvino_variants_are_skipped_with_the_reason(tmp_path, tiny_ba
         OpenVinoPredictor(tmp_path / "onnx" / "baseline" / "model.onnx")
 
 
-def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(tmp_path, tiny_baseline):
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(with_openvino, built):
     from bertopt.compare.discover import discover
     from bertopt.runtimes import OrtPredictor, open_predictor
 
-    shutil.copytree(tiny_baseline, tmp_path / "baseline")
-    assert _run_onnx(tmp_path).status == "ok"
+    tmp_path = built
     d = tmp_path / "onnx" / "baseline"
     m = json.loads((d / "manifest.json").read_text())["metrics"]["variants"]
     assert m["ov-fp32"]["status"] == "ok", m["ov-fp32"]
@@ -88,9 +86,7 @@ def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(tmp_path,
     np.testing.assert_allclose(ov.predict_logits(batch), ort.predict_logits(batch), atol=1e-4)
 
 
-def test_a_recommended_openvino_variant_is_packaged_and_served(tmp_path, tiny_baseline):
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+def test_a_recommended_openvino_variant_is_packaged_and_served(with_openvino, built):
     from types import SimpleNamespace
 
     import numpy as np
@@ -98,8 +94,7 @@ def test_a_recommended_openvino_variant_is_packaged_and_served(tmp_path, tiny_ba
     from bertopt.aws import packaging
     from bertopt.aws.serving import inference
 
-    shutil.copytree(tiny_baseline, tmp_path / "baseline")
-    assert _run_onnx(tmp_path).status == "ok"
+    tmp_path = built
     d = tmp_path / "onnx" / "baseline"
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -130,17 +125,11 @@ def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_
 
 
 @pytest.mark.parametrize("installed", [False, True], ids=["hidden", "installed"])
-def test_compare_and_the_report_show_the_openvino_rows(tmp_path, tiny_baseline, monkeypatch, installed):
+def test_compare_and_the_report_show_the_openvino_rows(request, installed):
     import compare
 
-    if installed:
-        pytest.importorskip("openvino")
-        pytest.importorskip("nncf")
-    else:
-        for name in ("openvino", "nncf"):
-            monkeypatch.setitem(sys.modules, name, None)
-    shutil.copytree(tiny_baseline, tmp_path / "baseline")
-    assert _run_onnx(tmp_path).status == "ok"
+    request.getfixturevalue("with_openvino" if installed else "hide_openvino")
+    tmp_path = request.getfixturevalue("built")
     reports = tmp_path / "reports"
     assert compare.main(["--output-dir", str(tmp_path), "--reports-dir", str(reports), "--quick", "--quiet",
                          "--skip-memory", "--sweep-batches", "1,4", "--sweep-seqs", "16", "--latency-requests", "4",
