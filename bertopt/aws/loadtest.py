@@ -165,8 +165,13 @@ def main(argv=None) -> int:
                    help="serve --model-path twice (per request, micro-batching), sweep both, write --out")
     p.add_argument("--model-path", help="--compare: the model to serve (.onnx file or model directory)")
     p.add_argument("--instance-type", default="ml.m5.large", help="--compare: price the result (default: ml.m5.large)")
-    p.add_argument("--out", default="reports/loadtest.json", help="--compare: results file (default: reports/loadtest.json)")
+    p.add_argument("--out", default=None, help="--compare: results file (default: reports/loadtest.json, which "
+                   "compare.py's report shows)")
     args = p.parse_args(argv)
+    if args.out is None:
+        from ..report import LOADTEST_FILE
+
+        args.out = f"reports/{LOADTEST_FILE}"
     try:
         if args.compare:
             from .loadcompare import run_compare
