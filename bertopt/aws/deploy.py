@@ -120,7 +120,8 @@ def _check_previous(record: Optional[Deployment]) -> list:
         finish = " (or create its endpoint with `--finish`)" if record.status == "prepared" else ""
         raise PipelineError(f"{record.path} records deployment {record.id} (status {record.status}) whose resources "
                             f"may still exist ({names}{', ...' if len(blocking) > 4 else ''}); remove them first "
-                            f"with `python aws_cleanup.py`{finish}, or deploy with another --output-dir")
+                            f"with `python aws_cleanup.py`{finish}, replace its model with `python aws_deploy.py --update ...`, "
+                            "or deploy with another --output-dir")
     return [dict(e) for e in live]
 
 
