@@ -13,8 +13,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from test_aws_deploy import (ENDPOINT, EMPTY, aws, cleanup_cfg, client, deploy, deploy_cfg,  # noqa: F401
-                             inventory, moto_url, record, saved, sm_tags)
-from test_aws_support import ACCOUNT, REGION, ROLE
+                             inventory, moto_url, record, saved, sm_tags, untagged_endpoint)
+from test_aws_support import ACCOUNT, REGION
 
 from bertopt.errors import PipelineError
 
@@ -152,12 +152,8 @@ def test_all_removes_tagged_alarms_and_spares_untagged_lookalikes(aws, tmp_path,
     import aws_cleanup
 
     deploy(tmp_path, saved, max_instances=2, alarms=True)
-    sm, cw, aas = client("sagemaker"), client("cloudwatch"), client("application-autoscaling")
-    look = "bertopt-sentiment-copy"
-    sm.create_model(ModelName=look, ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x", "ModelDataUrl": "s3://b/k"})
-    sm.create_endpoint_config(EndpointConfigName=look, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": look, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-    sm.create_endpoint(EndpointName=look, EndpointConfigName=look)
+    cw, aas = client("cloudwatch"), client("application-autoscaling")
+    look = untagged_endpoint("bertopt-sentiment-copy")
     aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=f"endpoint/{look}/variant/AllTraffic",
                                  ScalableDimension="sagemaker:variant:DesiredInstanceCount", MinCapacity=1, MaxCapacity=2)
     cw.put_metric_alarm(AlarmName=f"{look}-p99-model-latency", Namespace="AWS/SageMaker", MetricName="ModelLatency",
