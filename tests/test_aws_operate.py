@@ -241,9 +241,16 @@ def test_update_failure_stays_on_the_old_config_and_leaves_nothing_new(aws, tmp_
         assert [p["EndpointConfigName"] for p in seen][-1] == before["configs"][0]
 
 
-def test_update_needs_a_live_deployment(aws, tmp_path, saved):
+def test_update_needs_a_live_deployment_on_its_own_config(aws, tmp_path, saved):
     from bertopt.aws import deploy as deploy_mod
 
     with pytest.raises(PipelineError, match="aws_deploy.py"):
         deploy_mod.run(deploy_cfg(tmp_path, saved, update=True))
     assert inventory() == EMPTY
+    deploy(tmp_path, saved)
+    untagged_endpoint("someone-elses")
+    _moto_endpoint().endpoint_config_name = "someone-elses"  # changed outside bertopt
+    before = inventory()
+    with pytest.raises(PipelineError, match="changed outside bertopt"):
+        _update(tmp_path, saved, session_with(update="ok")[0])
+    assert inventory() == before

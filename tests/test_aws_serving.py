@@ -538,7 +538,8 @@ def test_thread_plan_container_env_and_cost():
     env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
                                         instance_type="ml.c5.2xlarge"), "us-east-1")
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
-    assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
+    serverless = container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
+    assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in serverless and serverless["BERTOPT_BATCH_WAIT_MS"] == "0"
     # $0.1345/h at 100 requests/s: 360,000 requests an hour -> $0.3736 per million
     assert instances.cost_per_million(100.0, "ml.m5.large") == pytest.approx(0.3736, abs=1e-4)
     assert instances.cost_per_million(100.0, "ml.unknown") is None and instances.PRICES_AS_OF

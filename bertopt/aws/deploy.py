@@ -209,7 +209,9 @@ def container_env(cfg: AwsDeployConfig, region: str) -> dict:
     model-server workers and model threads from its vCPUs (instances.thread_plan)."""
     env = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_REGION": region,
            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "BERTOPT_MAX_BATCH": str(cfg.max_batch),
-           "BERTOPT_MAX_CHARS": str(cfg.max_chars)}
+           "BERTOPT_MAX_CHARS": str(cfg.max_chars),
+           # the model server hands each worker one request at a time: micro-batching must not wait there
+           "BERTOPT_BATCH_WAIT_MS": "0"}
     plan = None if cfg.serverless else instances.instance_plan(cfg.instance_type, gpu=cfg.gpu)
     if plan:
         env.update(plan.container_env())

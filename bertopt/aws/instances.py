@@ -46,10 +46,9 @@ class ThreadPlan:
 
     def container_env(self) -> dict:
         """The SageMaker container's environment: the Hugging Face toolkit's model server starts
-        ``SAGEMAKER_MODEL_SERVER_WORKERS`` processes, each handing one request at a time to the
-        handler, so the handler's micro-batching waits for nothing there (BERTOPT_BATCH_WAIT_MS 0)."""
+        ``SAGEMAKER_MODEL_SERVER_WORKERS`` processes with this many model threads each."""
         return {"SAGEMAKER_MODEL_SERVER_WORKERS": str(self.workers), "BERTOPT_THREADS": str(self.model_threads),
-                "OMP_NUM_THREADS": str(self.model_threads), "BERTOPT_BATCH_WAIT_MS": "0"}
+                "OMP_NUM_THREADS": str(self.model_threads)}
 
 
 def local_vcpus() -> int:

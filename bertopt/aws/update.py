@@ -157,8 +157,9 @@ def run_update(cfg, directory: Path, aws: Aws | None, start: float) -> StageResu
     record.data.setdefault("updates", []).append(update)
     record.update(status="updating")
     created: list = []
-    scaling = _pause_autoscaling(aws, cfg, record)
+    scaling = None
     try:
+        scaling = _pause_autoscaling(aws, cfg, record)
         archive, s3_uri = _blue_green(aws, cfg, record, choice, image, old_config, created, update)
     except PipelineError as exc:
         raise _roll_back(aws, cfg, record, created, update, saved, scaling, str(exc)) from None

@@ -154,7 +154,10 @@ class MicroBatcher:
                 future.set_result(preds[start:start + len(texts_i)])
                 start += len(texts_i)
             if self.on_batch is not None:
-                self.on_batch(len(batch), len(texts))
+                try:
+                    self.on_batch(len(batch), len(texts))
+                except Exception:  # metrics must never stop the batch runner
+                    log.exception("micro-batching: on_batch callback failed")
 
 
 # ------------------------------------------------------------------------------------ settings
