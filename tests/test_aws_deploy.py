@@ -175,16 +175,22 @@ def test_dry_run_deletes_nothing(aws, tmp_path, saved, capsys):
     assert {r["state"] for r in record(tmp_path)["resources"]} == {"created"}
 
 
+def untagged_endpoint(name: str) -> str:
+    """An endpoint (with its config and model) that bertopt did not create: no tags."""
+    sm = client("sagemaker")
+    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x", "ModelDataUrl": "s3://b/k"})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": name, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    return name
+
+
 def test_all_spares_untagged_lookalikes(aws, tmp_path, saved, capsys):
     import aws_cleanup
 
     deploy(tmp_path, saved)
-    sm, s3, ecr = client("sagemaker"), client("s3"), client("ecr")
-    look = "bertopt-sentiment-copy"
-    sm.create_model(ModelName=look, ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "x", "ModelDataUrl": "s3://b/k"})
-    sm.create_endpoint_config(EndpointConfigName=look, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": look, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
-    sm.create_endpoint(EndpointName=look, EndpointConfigName=look)
+    s3, ecr = client("s3"), client("ecr")
+    look = untagged_endpoint("bertopt-sentiment-copy")
     s3.create_bucket(Bucket="bertopt-lookalike")
     s3.put_object(Bucket="bertopt-lookalike", Key="bertopt/x/model.tar.gz", Body=b"x")
     client("logs").create_log_group(logGroupName=f"/aws/sagemaker/Endpoints/{look}")

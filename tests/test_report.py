@@ -339,3 +339,32 @@ def test_fusion_table_says_which_wins_where():
     html = report.render_html(res)
     assert "Graph fusion: which wins where" in html and "0.80×" in html and "1.25×" in html
     assert report.fusion_table(sample_results()) is None  # no ort-fp32 sweep: no table
+
+
+def test_report_shows_the_serving_load_test_when_present(tmp_path):
+    """reports/loadtest.json (python -m bertopt.aws.loadtest --compare) becomes its own section."""
+    path = write(tmp_path, sample_results())
+    assert '<section id="serving">' not in report.render_report(path).read_text()
+    (tmp_path / report.LOADTEST_FILE).write_text("{not json")  # unreadable: the report still renders
+    assert '<section id="serving">' not in report.render_report(path).read_text()
+
+    def mode(rps, p99):
+        best = {"offered_rps": rps, "achieved_rps": rps, "p50_ms": 9.0, "p99_ms": p99, "errors": 0}
+        return {"requests_per_s_at_target": rps, "best": best, "steps": [best], "other_cpu_share": 0.02}
+
+    batching = mode(520.0, 41.0)
+    batching["at_2x_per_request"] = {"offered_rps": 420.0, "achieved_rps": 419.5, "p99_ms": 30.5, "errors": 0}
+    (tmp_path / report.LOADTEST_FILE).write_text(json.dumps({
+        "schema": "bertopt.loadtest/1", "created": "2026-12-02T08:00:00+0000", "model_path": "model.int8.onnx",
+        "machine": {"vcpus": 2}, "protocol": {"clients": 16, "seconds_per_step": 4, "p99_target_ms": 100,
+                                             "pass": "0 errors"},
+        "modes": {"per-request": mode(210.0, 88.0), "micro-batching": batching}, "speedup": 2.48,
+        "pricing": {"instance_type": "ml.m5.large", "note": "measured here", "source": "pinned 2025-10"},
+        "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072}}))
+    html = report.render_report(path).read_text()
+    section = html[html.index('<section id="serving">'):]
+    section = section[:section.index("</section>")]
+    assert "2.48× the requests/s" in section and "at p99 30.5 ms" in section and "pinned 2025-10" in section
+    rows = re.findall(r"<tr><td class=\"l\">([a-z-]+)</td><td>([\d.]+)</td>", section)
+    assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
+    assert "0.178" in section and "0.072" in section

@@ -415,6 +415,9 @@ def serving_settings(choice: ModelChoice, cfg) -> dict:
             "model_file": choice.path.name if choice.backend in FILE_BACKENDS else None,
             "label_names": list(choice.label_names), "max_length": choice.max_length,
             "max_batch": cfg.max_batch, "max_chars": cfg.max_chars,
+            # micro-batching (-1 = off); the SageMaker container's environment sets its own (instances.py)
+            "batch_wait_ms": float(cfg.batch_wait_ms) if getattr(cfg, "batching", True) else -1.0,
+            "batch_max_texts": int(getattr(cfg, "batch_max_texts", 64)),
             "device": "cuda" if getattr(cfg, "gpu", False) else "cpu"}
 
 

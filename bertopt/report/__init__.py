@@ -13,6 +13,7 @@ from ..errors import PipelineError
 from ..results import get as results_get
 
 TEMPLATE = "template.html.j2"
+LOADTEST_FILE = "loadtest.json"  # beside results.json: `python -m bertopt.aws.loadtest --compare` writes it
 
 
 def _load(results_path: str | os.PathLike) -> dict:
@@ -88,7 +89,16 @@ def fusion_table(results: dict, a: str = "ort-opt", b: str = "ort-fp32") -> Opti
             "grid": [[ratio.get((bt, sq)) for bt in batches] for sq in seqs]}
 
 
-def build_context(results: dict) -> dict:
+def _load_loadtest(path: Path) -> Optional[dict]:
+    """The serving load test's results, when present and readable (the report shows them)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and str(data.get("schema", "")).startswith("bertopt.loadtest/") else None
+
+
+def build_context(results: dict, loadtest: Optional[dict] = None) -> dict:
     from . import plots
 
     figures = {
@@ -116,10 +126,11 @@ def build_context(results: dict) -> dict:
         "radar_span_pts": 100 * plots.RADAR_ACCURACY_SPAN,
         "radar_max": plots.RADAR_MAX_VARIANTS,
         "fusion": fusion_table(results),
+        "lt": loadtest,
     }
 
 
-def render_html(results: dict) -> str:
+def render_html(results: dict, loadtest: Optional[dict] = None) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
@@ -129,7 +140,7 @@ def render_html(results: dict) -> str:
     env.filters["mb"] = _mb
     env.filters["pct"] = lambda v, spec=".1f": _num(None if _missing(v) else 100 * v, spec)
     env.filters["get"] = lambda d, *keys: results_get(d, *keys)
-    return env.get_template(TEMPLATE).render(**build_context(results))
+    return env.get_template(TEMPLATE).render(**build_context(results, loadtest))
 
 
 def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
@@ -137,5 +148,6 @@ def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike |
     results file alone. Returns the written path."""
     results = _load(results_path)
     out = Path(out_path) if out_path else Path(results_path).with_name("performance_report.html")
-    artifacts.atomic_write_text(out, render_html(results))
+    loadtest = _load_loadtest(Path(results_path).with_name(LOADTEST_FILE))
+    artifacts.atomic_write_text(out, render_html(results, loadtest))
     return out

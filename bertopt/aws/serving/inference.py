@@ -9,6 +9,12 @@ Request:  ``{"inputs": "text"}`` or ``{"inputs": ["t1", "t2"]}`` (application/js
 Response: one ``{"label": "positive", "score": 0.97}`` per input text, as a JSON list.
 Limits:   at most ``max_batch`` texts and ``max_chars`` characters per text (serving.json, or the
           BERTOPT_MAX_BATCH / BERTOPT_MAX_CHARS environment variables of the model).
+Batching: with ``batch_wait_ms`` >= 0 (BERTOPT_BATCH_WAIT_MS; serving.json) concurrent predict_fn calls
+          are micro-batched by :class:`MicroBatcher`: one model run for every request queued while the
+          previous batch ran, plus those arriving within ``batch_wait_ms``, up to ``batch_max_texts``
+          texts (BERTOPT_BATCH_MAX_TEXTS). ``batch_wait_ms`` < 0 runs each request alone.
+Threads:  BERTOPT_THREADS sets ONNX Runtime's / torch's intra-op threads (the deploy derives it from
+          the instance's vCPUs).
 
 Request errors raise :class:`RequestError` (a ValueError with an HTTP ``status`` and a JSON
 ``body()``). The local endpoint answers with that status; the SageMaker toolkit turns every
@@ -25,8 +31,11 @@ import io
 import json
 import logging
 import os
+import queue
 import sys
 import threading
+import time
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -45,8 +54,10 @@ log = logging.getLogger("bertopt.serving")
 SETTINGS_FILE = "serving.json"
 JSON = "application/json"
 CSV = "text/csv"
-DEFAULTS = {"max_batch": 64, "max_chars": 10000, "max_length": 128}
-ENV = {"max_batch": "BERTOPT_MAX_BATCH", "max_chars": "BERTOPT_MAX_CHARS", "max_length": "BERTOPT_MAX_LENGTH"}
+DEFAULTS = {"max_batch": 64, "max_chars": 10000, "max_length": 128, "batch_wait_ms": -1.0, "batch_max_texts": 64}
+ENV = {"max_batch": "BERTOPT_MAX_BATCH", "max_chars": "BERTOPT_MAX_CHARS", "max_length": "BERTOPT_MAX_LENGTH",
+       "batch_wait_ms": "BERTOPT_BATCH_WAIT_MS", "batch_max_texts": "BERTOPT_BATCH_MAX_TEXTS"}
+FLOAT_SETTINGS = ("batch_wait_ms",)
 
 
 class RequestError(ValueError):
@@ -75,6 +86,78 @@ class ServingModel:
         self.with_token_type_ids = "token_type_ids" in tuple(getattr(predictor, "input_names", ()))
         self.info = dict(info or {})
         self.lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
+        self.batcher = None           # a MicroBatcher when batching is on (model_fn)
+
+
+class MicroBatcher:
+    """Server-side micro-batching: callers block in :meth:`submit`; one thread runs the model on
+    every request queued while the previous batch ran, plus those arriving within ``wait_ms`` of
+    the first, up to ``max_texts`` texts, and hands each caller its own slice of the answer.
+    ``on_batch(requests, texts)`` is called after every model run (the local server's /metrics)."""
+
+    def __init__(self, run, max_texts: int, wait_ms: float, on_batch=None):
+        self.run, self.max_texts, self.wait_s = run, max(1, int(max_texts)), max(0.0, float(wait_ms)) / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._carry = None  # a request that did not fit into the previous batch
+        self._thread = threading.Thread(target=self._loop, name="bertopt-micro-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list) -> list:
+        future: Future = Future()
+        self._queue.put((list(texts), future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _collect(self, first) -> list:
+        batch, n = [first], len(first[0])
+        deadline = time.monotonic() + self.wait_s
+        while n < self.max_texts:
+            try:
+                item = self._queue.get_nowait()  # what queued up while the model ran: no waiting
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            if n + len(item[0]) > self.max_texts:
+                self._carry = item
+                break
+            batch.append(item)
+            n += len(item[0])
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            first, self._carry = (self._carry or self._queue.get()), None
+            if first is None:
+                return
+            batch = self._collect(first)
+            texts = [t for texts, _ in batch for t in texts]
+            try:
+                preds = self.run(texts)
+            except Exception as exc:  # the callers' threads raise it (the server answers 500)
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for texts_i, future in batch:
+                future.set_result(preds[start:start + len(texts_i)])
+                start += len(texts_i)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(len(batch), len(texts))
+                except Exception:  # metrics must never stop the batch runner
+                    log.exception("micro-batching: on_batch callback failed")
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -87,7 +170,7 @@ def load_settings(model_dir: str) -> dict:
             settings.update(json.load(fh))
     for key, var in ENV.items():
         if os.environ.get(var):
-            settings[key] = int(os.environ[var])
+            settings[key] = (float if key in FLOAT_SETTINGS else int)(os.environ[var])
     return settings
 
 
@@ -157,9 +240,14 @@ def model_fn(model_dir, context=None):
     model = ServingModel(tokenizer, predictor, _label_names(model_dir, settings), settings["max_length"],
                          settings["max_batch"], settings["max_chars"],
                          info={k: settings.get(k) for k in ("variant", "backend", "precision", "source")})
-    log.info("loaded %s (%s, %s) labels %s, max batch %d, max chars %d", settings.get("variant"),
-             settings.get("backend"), settings.get("precision"), model.label_names, model.max_batch,
-             model.max_chars)
+    if float(settings["batch_wait_ms"]) >= 0:
+        model.batcher = MicroBatcher(lambda texts: _predict(texts, model), settings["batch_max_texts"],
+                                     settings["batch_wait_ms"])
+    log.info("loaded %s (%s, %s) labels %s, max batch %d, max chars %d, micro-batching %s, threads %s",
+             settings.get("variant"), settings.get("backend"), settings.get("precision"), model.label_names,
+             model.max_batch, model.max_chars,
+             f"{settings['batch_wait_ms']} ms / {settings['batch_max_texts']} texts" if model.batcher else "off",
+             _threads() or "default")
     return model
 
 
@@ -229,6 +317,13 @@ def predict_fn(data, model: ServingModel):
     for i, t in enumerate(texts):
         if len(t) > model.max_chars:
             raise RequestError(413, f"input {i} has {len(t)} characters; the limit is {model.max_chars}")
+    if model.batcher is not None:
+        return model.batcher.submit(texts)
+    return _predict(texts, model)
+
+
+def _predict(texts: list, model: ServingModel) -> list:
+    """One model run over ``texts`` (one request, or a micro-batch of several)."""
     with model.lock:
         seqs = _data.tokenize(texts, model.tokenizer, model.max_length)
     batch = _data.pad_batch(seqs, model.pad_id, model.with_token_type_ids)
