@@ -14,6 +14,7 @@ alone writes; on resume rank 0 chooses the checkpoint and every rank loads it fr
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -137,10 +138,14 @@ class Checkpointer:
         from . import distributed
 
         ctx = self.dist_ctx or distributed.SINGLE
-        ranks = distributed.all_gather_object(ctx, dict(rank_state, rng=rng_state()))
+        mine = dict(rank_state, rng=rng_state())
+        # tensors travel as torch.save bytes: pickled tensors do not survive gloo's object gather
+        blobs = distributed.all_gather_object(ctx, _to_bytes(mine)) if ctx.enabled else None
         if not self._is_main():
             return
         import torch
+
+        ranks = [mine] if blobs is None else [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
         self.directory.mkdir(parents=True, exist_ok=True)
         best_name = f"best-{PREFIX}{best_step:08d}.pt" if best_step is not None else None
@@ -168,6 +173,14 @@ class Checkpointer:
             stale_tmp = p.name.startswith(".tmp-")
             if (p.name.startswith("best-") and p.name not in named) or stale_tmp:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _to_bytes(obj) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
