@@ -11,9 +11,7 @@ curve has the same steps and values to 1e-6.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from bertopt import checkpoints, training
 from bertopt.errors import ConfigError
 from bertopt.train_stage import run_baseline
 from conftest import tiny_train_config
+from test_distributed import _clean_env, _run
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB_LIMIT_S = 240
 TOL = 1e-6
 
 WORKER = r'''
@@ -64,24 +61,7 @@ sys.exit(benchmark.main(sys.argv[1:]))
 
 
 def _env(spy: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "KILL_AT_STEP", "KILL_RANK")}
-    env.update({"BERTOPT_ROOT": str(ROOT), "SPY_DIR": str(spy), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=JOB_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"job did not end within {JOB_LIMIT_S}s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return _clean_env({"SPY_DIR": str(spy), **{k: str(v) for k, v in extra.items()}})
 
 
 def _args(model: str, data: str, out: Path, **over) -> list[str]:
