@@ -164,6 +164,19 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="freeze the embeddings and the lowest N encoder layers (default: 0)")
     add(g, "--log-every", type=int, metavar="N", help="record the loss every N steps (default: 20)")
     add(g, "--grad-accum-steps", type=int, metavar="N", help="gradient accumulation steps (default: 1)")
+    add(g, "--eval-every", type=int, metavar="N",
+        help="also evaluate every N optimizer steps; the best evaluation's weights are kept (default: 0 = "
+             "after each epoch only)")
+    add(g, "--early-stopping-patience", type=int, metavar="P",
+        help="stop after P evaluations without a better eval accuracy (default: 0 = off)")
+    add(g, "--save-every", type=int, metavar="N",
+        help="also checkpoint every N optimizer steps (always at each epoch end; default: 0)")
+    add(g, "--save-total-limit", type=int, metavar="K", help="checkpoints kept (the last K; default: 2)")
+    add(g, "--resume", action="store_true", default=None,
+        help="continue from the stage's newest checkpoint and fail if there is none or its config differs "
+             "(without the flag a matching checkpoint is resumed automatically)")
+    add(g, "--report-to", choices=("none", "tensorboard"),
+        help="also write live curves for TensorBoard to <stage dir>/tensorboard (default: none)")
 
 
 def load_config_file(path: str) -> dict:

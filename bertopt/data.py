@@ -322,9 +322,12 @@ class LengthGroupedBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``'s batch order; ``start`` skips its first batches (a resumed run)."""
         self.epoch = epoch
+        self.start = start
 
     def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -346,7 +349,7 @@ class LengthGroupedBatchSampler:
         if self.num_replicas > 1:
             usable = len(batches) - len(batches) % self.num_replicas
             batches = batches[self.rank:usable:self.num_replicas]
-        return iter(batches)
+        return iter(batches[self.start:])
 
     def __len__(self) -> int:
         n = math.ceil(len(self.lengths) / self.batch_size)

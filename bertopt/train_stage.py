@@ -1,8 +1,8 @@
 """The two fine-tuning stages: the FP32 baseline (benchmark.py) and mixed precision."""
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import time
 
 from . import artifacts
@@ -35,8 +35,8 @@ def run_training(cfg: TrainConfig, stage: str) -> StageResult:
 
 
 def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResult:
+    from . import checkpoints, distributed, modeling, tracking, training
     from . import data as data_mod
-    from . import distributed, modeling, training
 
     directory = artifacts.stage_dir(cfg.output_dir, stage)
     key = {"stage": stage, **result_config(cfg)}
@@ -47,10 +47,7 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
     current = distributed.broadcast_object(ctx, current)  # rank 0's view decides for every rank
     if current:
         return _skip_result(stage, directory, current, start)
-    if ctx.is_main:
-        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
-        artifacts.clear_dir(directory)
-    distributed.barrier(ctx)
+    resume_from = _prepare_dir(cfg, directory, fp, ctx)
     with stage_logging(stage, directory if ctx.is_main else None):
         print_config(stage, cfg)
         device = ctx.device if ctx.enabled else training.resolve_device(cfg.device)
@@ -103,8 +100,12 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         if ctx.enabled:
             log.info("data parallel: %d processes x batch %d x grad-accum %d = global batch %d (%s)",
                      ctx.world_size, cfg.batch_size, cfg.grad_accum_steps, summary["global_batch_size"], ctx.backend)
-        result = training.train(distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan,
-                                dist_ctx=ctx if ctx.enabled else None)
+        dist_ctx = ctx if ctx.enabled else None
+        result = training.train(
+            distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan, dist_ctx=dist_ctx,
+            checkpointer=checkpoints.Checkpointer(checkpoints.root(directory), fp, cfg.save_total_limit, dist_ctx),
+            resume_from=resume_from,
+            tensorboard_dir=directory / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None)
         distributed.barrier(ctx)  # every rank has finished before rank 0 writes anything
         if not ctx.is_main:
             distributed.barrier(ctx)  # ... and stays until rank 0 has written the stage directory
@@ -120,14 +121,39 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         artifacts.write_manifest(
             directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
             inputs={"model": cfg.model, "dataset": splits.source},
-            outputs=artifacts.list_files(directory), metrics=metrics,
+            outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
+            metrics=metrics, resumed=bool(metrics["resumed_from"]),
             data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
             reason=plan.reason if plan.autocast_dtype is not None else None,
         )
+        shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
         distributed.barrier(ctx)
     acc = metrics["best_eval_accuracy"]
     return StageResult(stage, "ok", time.perf_counter() - start,
                        f"best eval accuracy {acc:.4f}, {metrics['samples_per_s']} samples/s", str(directory))
+
+
+def _prepare_dir(cfg: TrainConfig, directory, fp: str, ctx):
+    """Rank 0 clears the stage directory, keeping a checkpoint written with the same fingerprint
+    (and its TensorBoard curves) to resume from; every rank gets that checkpoint's path or None."""
+    from . import checkpoints, distributed, tracking
+    from .errors import ConfigError
+
+    found, problem = None, None
+    if ctx.is_main:
+        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
+        try:
+            found = None if cfg.force else checkpoints.find_resumable(directory, fp, required=cfg.resume)
+        except ConfigError as exc:
+            problem = str(exc)
+        if problem is None:
+            keep = ("stage.log", checkpoints.DIRNAME, tracking.SUBDIR) if found else ("stage.log",)
+            artifacts.clear_dir(directory, keep=keep)
+    found, problem = distributed.broadcast_object(ctx, (str(found) if found else None, problem))
+    if problem:
+        raise ConfigError(problem)
+    distributed.barrier(ctx)
+    return found
 
 
 def run_baseline(cfg: TrainConfig) -> StageResult:

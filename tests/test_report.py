@@ -90,7 +90,9 @@ def sample_results(with_pruning=True) -> dict:
             "baseline": {"status": "ok", "precision": "fp32", "device": "cpu", "train_time_s": 100.0,
                          "samples_per_s": 50.0, "peak_memory_mb": 1500, "peak_memory_kind": "process RSS",
                          "best_eval_accuracy": 0.91, "train_rows": 12000, "parameters": 22_700_000,
-                         "loss_curve": [{"step": 20 * i, "loss": 0.7 / (1 + i)} for i in range(1, 12)]},
+                         "loss_curve": [{"step": 20 * i, "loss": 0.7 / (1 + i)} for i in range(1, 12)],
+                         "eval_curve": [{"step": 100 * i, "eval_accuracy": a} for i, a in
+                                        enumerate((0.8, 0.91, 0.9), start=1)], "best_step": 200},
             "mixed_precision": {"status": "skipped", "reason": "CPU has no native bf16 math"},
             "pruned": {"status": "ok", "precision": "fp32", "device": "cpu", "train_time_s": 70.0,
                        "samples_per_s": 75.0, "peak_memory_mb": 1200, "best_eval_accuracy": 0.89,
@@ -368,3 +370,14 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
     rows = re.findall(r"<tr><td class=\"l\">([a-z-]+)</td><td>([\d.]+)</td>", section)
     assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
     assert "0.178" in section and "0.072" in section
+
+
+def test_training_curves_show_eval_accuracy_per_step():
+    from bertopt.report import plots
+
+    res = sample_results()
+    with_eval = plots.loss_curves(res)
+    assert "eval accuracy %" in with_eval and "training loss" in with_eval
+    res["training"]["baseline"].pop("eval_curve")
+    without = plots.loss_curves(res)
+    assert "training loss" in without and "eval accuracy %" not in without

@@ -34,7 +34,8 @@ def _training_summary(manifests: dict) -> dict:
         met = m.get("metrics") or {}
         keys = ("precision", "device", "train_time_s", "train_samples", "samples_per_s", "peak_memory_mb",
                 "peak_memory_kind", "best_eval_accuracy", "final_eval_accuracy", "best_epoch", "epochs",
-                "loss_curve", "train_rows", "eval_rows", "parameters", "trainable_parameters", "skipped_steps")
+                "loss_curve", "train_rows", "eval_rows", "parameters", "trainable_parameters", "skipped_steps",
+                "eval_curve", "best_step", "stopped_early", "resumed_from")
         out[stage] = {"status": m.get("status"), "reason": m.get("reason"), **{k: met.get(k) for k in keys}}
     return out
 
