@@ -914,8 +914,7 @@ def measure(cfg: CompareConfig) -> dict:
     max_length = int(dcfg["max_length"])
     tokenizer = modeling.load_tokenizer(str(baseline_dir))
     base_config = AutoConfig.from_pretrained(str(baseline_dir))
-    with_tt = getattr(base_config, "type_vocab_size", 0) > 0 and base_config.model_type not in (
-        "distilbert", "roberta", "xlm-roberta")
+    with_tt = modeling.uses_token_type_ids(base_config)
     lengths = [len(s) for s in data_mod.tokenize(texts, tokenizer, max_length)]
     log.info("eval data: %s, %d texts, mean %.1f tokens (max %d); %d threads; %d variant row(s), %d measurable",
              splits.source, len(texts), float(np.mean(lengths)), max(lengths), threads, len(rows_v),
@@ -969,7 +968,7 @@ def measure(cfg: CompareConfig) -> dict:
 
     phase("matmul_peak")
     # ---- sweep (model only)
-    max_pos = int(getattr(base_config, "max_position_embeddings", 512))
+    max_pos = modeling.max_positions(base_config)
     seqs = sorted({min(s, max_pos) for s in proto["sweep_seqs"]})
     batches = list(proto["sweep_batches"])
     vocab = int(getattr(base_config, "vocab_size", 30522))

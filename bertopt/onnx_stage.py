@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, modeling
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -240,7 +240,7 @@ class Reference:
         shapes = ex.parity_shapes(self.max_length)
         cls = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else 101
         return ex.random_batches(self.input_names, shapes, int(self.model.config.vocab_size), seed=self.cfg.seed,
-                                 cls_id=cls)
+                                 cls_id=cls, pad_id=self.tokenizer.pad_token_id or 0)
 
     def logits(self, predictor, batches, desc: str) -> list[np.ndarray]:
         loop = progress(batches, desc=desc, unit="batch") if len(batches) >= 20 else batches  # no bar for a few
@@ -349,12 +349,30 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
     return "ok", None
 
 
+def build_fused(config, src: Path, dst: Path) -> dict:
+    """model.opt.onnx with the optimizer type the families table names. VariantUnavailable where
+    the architecture has no attention fusion (known, or found out for a family outside the table);
+    a table family that should fuse but fuses nothing is an export bug and fails."""
+    from . import families
+
+    model_type, reason = families.ort_fusion(config)
+    if model_type is None:
+        raise ex.VariantUnavailable(reason)
+    try:
+        return dict(ex.optimize(src, dst, int(config.num_attention_heads), int(config.hidden_size), model_type),
+                    model_type=model_type)
+    except ex.NoAttentionFused as exc:
+        if families.family(config).known:
+            raise
+        raise ex.VariantUnavailable(f"{exc} (model type {config.model_type!r} is not in the families table)") from None
+
+
 def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, built: dict) -> dict:
     """Create one variant file; returns the facts recorded in the manifest."""
     src = out_dir / ex.VARIANTS["fp32"][0]
     dst = out_dir / ex.VARIANTS[name][0]
     if name == "opt":
-        return ex.optimize(src, dst, int(ref.model.config.num_attention_heads), int(ref.model.config.hidden_size))
+        return build_fused(ref.model.config, src, dst)
     if name == "int8":
         reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
                              if cfg.int8_reduce_range is not None else ex.default_reduce_range())
@@ -410,6 +428,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                     facts = build_variant(cfg, ref, out_dir, name, variants)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+            except ex.VariantUnavailable as exc:
+                info = _failed(name, str(exc), facts, status="skipped")
             except PipelineError as exc:
                 if name == "fp32":
                     raise
@@ -426,7 +446,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
-            "max_length": ref.max_length, "export": export_facts,
+            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
+            "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
             "accuracy_budget": cfg.accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
             "variants": variants, "wall_s": round(time.perf_counter() - start, 1),
@@ -445,9 +466,10 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
     return manifest, False
 
 
-def _failed(name: str, reason: str, facts: dict) -> dict:
+def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
     file, precision, _ = ex.VARIANTS[name]
-    return {"file": file, "precision": precision, "status": "failed", "reason": reason, "size_bytes": None,
+    return {"file": None if status == "skipped" else file, "precision": precision, "status": status,
+            "reason": reason, "size_bytes": None,
             "devices": [], "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
 
 
@@ -464,7 +486,9 @@ def tensorrt_source(cfg: OnnxConfig, source: Source, ref: Reference, onnx_manife
     onnx_dir = artifacts.stage_dir(cfg.output_dir, "onnx") / source.name
     out_dir = artifacts.stage_dir(cfg.output_dir, "tensorrt") / source.name
     usable, reason = trt_mod.availability()
-    max_length = int(onnx_manifest.get("metrics", {}).get("max_length") or cfg.max_length)
+    onnx_metrics = onnx_manifest.get("metrics", {})
+    max_length = int(onnx_metrics.get("max_length") or cfg.max_length)
+    max_positions = int(onnx_metrics.get("max_positions") or max_length)  # the model's own limit
     fp = artifacts.fingerprint({"stage": "tensorrt", **trt_options(cfg)},
                                {"onnx": artifacts.manifest_digest(onnx_dir), "usable": usable, "reason": reason,
                                 "device": trt_mod.device_facts()})
@@ -483,7 +507,7 @@ def tensorrt_source(cfg: OnnxConfig, source: Source, ref: Reference, onnx_manife
                                             metrics={"source": source.name, "engines": {},
                                                      **trt_mod.device_facts()}), False
         profile = trt_mod.make_profile(cfg.trt_min_shapes, cfg.trt_opt_shapes, cfg.trt_max_shapes, max_length,
-                                       max_positions=max_length)
+                                       max_positions=max_positions)
         metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb)
         metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
         ok = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]
