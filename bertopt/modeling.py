@@ -67,10 +67,10 @@ def check_encoder(config, model: str) -> None:
 
     kind = getattr(config, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"--model {model}: {kind} is an encoder-decoder (seq2seq) model; bertopt fine-tunes "
+        raise ModelError(f"model {model}: {kind} is an encoder-decoder (seq2seq) model; bertopt fine-tunes "
                          "encoder-only classifiers (BERT, RoBERTa, DeBERTa, ModernBERT, ...)")
     if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        raise ModelError(f"--model {model}: {kind} is a decoder-only (causal language) model; bertopt "
+        raise ModelError(f"model {model}: {kind} is a decoder-only (causal language) model; bertopt "
                          "fine-tunes encoder-only classifiers (BERT, RoBERTa, DeBERTa, ModernBERT, ...)")
 
 
@@ -78,7 +78,7 @@ def check_weights(path: str, model: str) -> None:
     """A local model directory must hold weights, not only a config."""
     local = Path(path)
     if local.is_dir() and not any((local / f).is_file() for f in WEIGHT_FILES):
-        raise ModelError(f"--model {model}: {local} has a config.json but no weights "
+        raise ModelError(f"model {model}: {local} has a config.json but no weights "
                          f"({' or '.join(WEIGHT_FILES[::2])}); save the model with save_pretrained")
 
 
@@ -88,7 +88,7 @@ def check_head(config, num_labels: int, model: str, label_names=None) -> None:
     trained_head = any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or ()))
     if trained_head and int(config.num_labels) != int(num_labels):
         names = f" ({', '.join(map(str, label_names))})" if label_names else ""
-        raise ModelError(f"--model {model} has a trained {config.num_labels}-label classification head but the "
+        raise ModelError(f"model {model} has a trained {config.num_labels}-label classification head but the "
                          f"data has {num_labels} labels{names}; fine-tune its base model or use matching data")
 
 

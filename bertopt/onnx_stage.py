@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import artifacts, modeling
+from . import artifacts, families, modeling
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -353,8 +353,6 @@ def build_fused(config, src: Path, dst: Path) -> dict:
     """model.opt.onnx with the optimizer type the families table names. VariantUnavailable where
     the architecture has no attention fusion (known, or found out for a family outside the table);
     a table family that should fuse but fuses nothing is an export bug and fails."""
-    from . import families
-
     model_type, reason = families.ort_fusion(config)
     if model_type is None:
         raise ex.VariantUnavailable(reason)

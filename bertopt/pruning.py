@@ -74,7 +74,8 @@ def remove_layers(model, indices: Sequence[int]):
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     pruned.config.num_hidden_layers = len(layers)
-    for name in families.family(pruned).per_layer_config + ("layer_types",):  # per-layer lists shrink too
+    per_layer = dict.fromkeys(families.family(pruned).per_layer_config + ("layer_types",))  # generic: layer_types
+    for name in per_layer:  # per-layer config lists shrink with the model
         values = getattr(pruned.config, name, None)
         if isinstance(values, list) and len(values) == n:
             setattr(pruned.config, name, [v for i, v in enumerate(values) if i not in drop])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import family_models as fm
-from conftest import make_texts, write_table
+from conftest import make_texts, write_splits, write_table
 
 from bertopt import families, modeling
 from bertopt.errors import ConfigError, ModelError
@@ -21,12 +21,7 @@ NO_FUSION = {"deberta", "deberta-v2", "mpnet", "modernbert"}
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("family_data")
-    t, y = make_texts(96, seed=1)
-    write_table(d / "train.tsv", t, y)
-    t, y = make_texts(48, seed=2)
-    write_table(d / "dev.tsv", t, y)
-    return str(d)
+    return write_splits(tmp_path_factory.mktemp("family_data"), 96, 48)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +61,22 @@ def test_unknown_family_is_generic_with_a_warning(caplog):
         row = families.family(config)
     assert not row.known and row.ort_model_type == "bert" and "not in bertopt's families table" in caplog.text
     assert families.takes_token_type_ids(config) and families.max_positions(config) == 512
+
+
+def test_fusion_skipped_by_the_table_or_when_an_unknown_family_fuses_nothing(family_dirs, tmp_path):
+    from transformers import AutoConfig
+
+    from bertopt import export as ex
+    from bertopt.onnx_stage import build_fused
+
+    src = tmp_path / "model.onnx"
+    ex.export_onnx(family_dirs["deberta"], src, max_length=32)
+    config = AutoConfig.from_pretrained(family_dirs["deberta"])
+    with pytest.raises(ex.VariantUnavailable, match="disentangled"):
+        build_fused(config, src, tmp_path / "a.onnx")  # the table knows: not even tried
+    config.model_type = "my-deberta-like"
+    with pytest.raises(ex.VariantUnavailable, match="fused 0 Attention.*not in the families table"):
+        build_fused(config, src, tmp_path / "b.onnx")  # unknown: tried, nothing fused -> skipped, not failed
 
 
 @pytest.mark.parametrize("family", FAMILIES)
