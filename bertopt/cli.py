@@ -156,7 +156,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training options")
-    add(g, "--lr", type=float, metavar="LR", help="peak learning rate (default: 1e-4)")
+    add(g, "--lr", type=float, metavar="LR",
+        help="peak learning rate (default: by model size, 1e-4 below 50M parameters, 3e-5 below 200M, "
+             "2e-5 above; printed at start)")
     add(g, "--weight-decay", type=float, metavar="W", help="AdamW weight decay (default: 0.01)")
     add(g, "--warmup-ratio", type=float, metavar="R", help="linear warm-up share of steps (default: 0.06)")
     add(g, "--max-grad-norm", type=float, metavar="N", help="gradient clipping norm, 0 = off (default: 1.0)")

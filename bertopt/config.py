@@ -97,7 +97,7 @@ def result_config(cfg) -> dict:
 class TrainConfig(CommonConfig):
     """Fine-tuning (benchmark.py, mixed_precision.py)."""
 
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None = chosen from the model's size (modeling.default_lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -114,7 +114,7 @@ class TrainConfig(CommonConfig):
 
     def problems(self) -> list[str]:
         p = super().problems()
-        if not (self.lr > 0):
+        if self.lr is not None and not (self.lr > 0):
             p.append(f"--lr must be > 0 (got {self.lr})")
         if self.weight_decay < 0:
             p.append(f"--weight-decay must be >= 0 (got {self.weight_decay})")

@@ -51,6 +51,14 @@ class ExportError(PipelineError):
     """A conversion produced no usable model (the message says which and why)."""
 
 
+class VariantUnavailable(ExportError):
+    """This variant cannot be built for this architecture (recorded ``skipped`` with the reason)."""
+
+
+class NoAttentionFused(ExportError):
+    """The transformer optimizer fused no attention in the graph."""
+
+
 # ----------------------------------------------------------------------------- helpers
 def file_size(path: str | os.PathLike) -> int:
     """Bytes on disk; an OpenVINO IR (.xml) counts its weights file (.bin) too."""
@@ -187,7 +195,7 @@ def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hid
                                        hidden_size=hidden_size, opt_level=0)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     if require_attention and not stats.get("Attention", 0) and not stats.get("MultiHeadAttention", 0):
-        raise ExportError(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
+        raise NoAttentionFused(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
                           f"(fusions: {stats or 'none'}); the graph was probably exported with SDPA attention "
                           "or the architecture is not BERT-like, so model.opt.onnx would be no faster")
     opt.save_model_to_file(str(dst), use_external_data_format=False)
@@ -374,17 +382,18 @@ def parity_shapes(max_length: int) -> list[tuple[int, int]]:
 
 
 def random_batches(input_names: Sequence[str], shapes: Sequence[tuple[int, int]], vocab_size: int,
-                   seed: int = 0, cls_id: int = 101, sep_id: int = 102) -> list[dict[str, np.ndarray]]:
-    """Seeded random token batches, varied padding per row (the first row is never padded)."""
+                   seed: int = 0, cls_id: int = 101, sep_id: int = 102, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded random token batches, varied padding per row (the first row is never padded), padded
+    with the tokenizer's ``pad_id`` (RoBERTa-style models derive positions from it)."""
     rng = np.random.default_rng(seed)
     out = []
     for batch, seq in shapes:
-        ids = rng.integers(min(999, vocab_size - 1), vocab_size, size=(batch, seq), dtype=np.int64)
+        ids = rng.integers(min(999, vocab_size // 2), vocab_size, size=(batch, seq), dtype=np.int64)
         mask = np.ones((batch, seq), dtype=np.int64)
         for i in range(1, batch):
             mask[i, int(rng.integers(1, seq + 1)):] = 0
         ids[:, 0] = cls_id if cls_id < vocab_size else 1
-        ids[mask == 0] = 0
+        ids[mask == 0] = pad_id
         full = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         out.append({k: full[k] for k in input_names})
     return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, variants
+from . import artifacts, families, modeling, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -240,8 +240,23 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
 # ----------------------------------------------------------------------------- converters
 # the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
 def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    return ex.optimize(out_dir / spec.built_from, out_dir / spec.file, int(ref.model.config.num_attention_heads),
-                       int(ref.model.config.hidden_size))
+    return build_fused(ref.model.config, out_dir / spec.built_from, out_dir / spec.file)
+
+
+def build_fused(config, src: Path, dst: Path) -> dict:
+    """model.opt.onnx with the optimizer type the families table names. VariantUnavailable where
+    the architecture has no attention fusion (known, or found out for a family outside the table);
+    a table family that should fuse but fuses nothing is an export bug and fails."""
+    model_type, reason = families.ort_fusion(config)
+    if model_type is None:
+        raise ex.VariantUnavailable(reason)
+    try:
+        return dict(ex.optimize(src, dst, int(config.num_attention_heads), int(config.hidden_size), model_type),
+                    model_type=model_type)
+    except ex.NoAttentionFused as exc:
+        if families.family(config).known:
+            raise
+        raise ex.VariantUnavailable(f"{exc} (model type {config.model_type!r} is not in the families table)") from None
 
 
 def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
@@ -328,6 +343,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                     facts = build_variant(cfg, ref, out_dir, name, variants_)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+            except ex.VariantUnavailable as exc:
+                info = _failed(name, str(exc), facts, status="skipped")
             except PipelineError as exc:
                 if name == "fp32":
                     raise
@@ -344,7 +361,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
-            "max_length": ref.max_length, "export": export_facts,
+            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
+            "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
             "accuracy_budget": cfg.onnx_accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
             "variants": variants_, "wall_s": round(time.perf_counter() - start, 1),
@@ -365,7 +383,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
 
 def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
     spec = variants.by_key("onnx", name)
-    return {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
+    return {"file": None if status == "skipped" else spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
             "reason": reason, "size_bytes": None, "devices": [], "parity": None, "accuracy": None,
             "accuracy_delta": None, **facts}
 

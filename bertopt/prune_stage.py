@@ -179,6 +179,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
 
         # 3. re-fine-tune with the shared loop (optionally distilling from the unpruned model)
         counts = modeling.freeze_layers(pruned, cfg.freeze_layers)
+        cfg = modeling.resolve_lr(cfg, pruned)
         train_ds, train_loader = loader(splits.train.texts, splits.train.labels, cfg.batch_size, True)
         loss_fn = None
         if cfg.distill:

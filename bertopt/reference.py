@@ -78,7 +78,7 @@ class Reference:
         shapes = ex.parity_shapes(self.max_length)
         cls = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else 101
         return ex.random_batches(self.input_names, shapes, int(self.model.config.vocab_size), seed=self.cfg.seed,
-                                 cls_id=cls)
+                                 cls_id=cls, pad_id=self.tokenizer.pad_token_id or 0)
 
     def logits(self, predictor, batches, desc: str) -> list[np.ndarray]:
         loop = progress(batches, desc=desc, unit="batch") if len(batches) >= 20 else batches  # no bar for a few

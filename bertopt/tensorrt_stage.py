@@ -27,7 +27,9 @@ def tensorrt_source(cfg, source, ref: Reference, onnx_manifest: dict) -> tuple[d
     onnx_dir = artifacts.stage_dir(cfg.output_dir, "onnx") / source.name
     out_dir = artifacts.stage_dir(cfg.output_dir, "tensorrt") / source.name
     usable, reason = trt_mod.availability()
-    max_length = int(onnx_manifest.get("metrics", {}).get("max_length") or cfg.max_length)
+    onnx_metrics = onnx_manifest.get("metrics", {})
+    max_length = int(onnx_metrics.get("max_length") or cfg.max_length)
+    max_positions = int(onnx_metrics.get("max_positions") or max_length)  # the model's own limit
     fp = artifacts.fingerprint({"stage": "tensorrt", **trt_options(cfg)},
                                {"onnx": artifacts.manifest_digest(onnx_dir), "usable": usable, "reason": reason,
                                 "device": trt_mod.device_facts()})
@@ -42,7 +44,7 @@ def tensorrt_source(cfg, source, ref: Reference, onnx_manifest: dict) -> tuple[d
             return run_.finish(status="skipped", reason=reason, config=cfg.to_dict(), inputs=inputs,
                                metrics={"source": source.name, "engines": {}, **trt_mod.device_facts()}), False
         profile = trt_mod.make_profile(cfg.trt_min_shapes, cfg.trt_opt_shapes, cfg.trt_max_shapes, max_length,
-                                       max_positions=max_length)
+                                       max_positions=max_positions)
         metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb)
         metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
         ok = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]

@@ -70,6 +70,7 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names)
         modeling.check_max_length(cfg.max_length, model)
         counts = modeling.freeze_layers(model, cfg.freeze_layers)
+        cfg = modeling.resolve_lr(cfg, model)
         model.to(device)
 
         with_tt = modeling.uses_token_type_ids(model)

@@ -78,11 +78,13 @@ def tiny_model_dir(tmp_path_factory, packaged_model_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> str:
     """train.tsv (400 rows) and dev.tsv (100 rows) of the separable task."""
-    d = tmp_path_factory.mktemp("tiny_data")
-    t, y = make_texts(400, seed=1)
-    write_table(d / "train.tsv", t, y)
-    t, y = make_texts(100, seed=2)
-    write_table(d / "dev.tsv", t, y)
+    return write_splits(tmp_path_factory.mktemp("tiny_data"), 400, 100)
+
+
+def write_splits(d: Path, n_train: int, n_eval: int) -> str:
+    """train.tsv and dev.tsv of the separable task in ``d``."""
+    for name, n, seed in (("train.tsv", n_train, 1), ("dev.tsv", n_eval, 2)):
+        write_table(d / name, *make_texts(n, seed=seed))
     return str(d)
 
 

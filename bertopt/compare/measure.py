@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import artifacts
+from .. import artifacts, modeling
 from .. import benchmarking as bm
 from ..config import CommonConfig
 from ..errors import PipelineError
@@ -186,8 +186,7 @@ def setup(cfg: CompareConfig) -> Setup:
     max_length = int(dcfg["max_length"])
     tokenizer = modeling.load_tokenizer(str(baseline_dir))
     base_config = AutoConfig.from_pretrained(str(baseline_dir))
-    with_tt = getattr(base_config, "type_vocab_size", 0) > 0 and base_config.model_type not in (
-        "distilbert", "roberta", "xlm-roberta")
+    with_tt = modeling.uses_token_type_ids(base_config)
     lengths = [len(x) for x in data_mod.tokenize(texts, tokenizer, max_length)]
     log.info("eval data: %s, %d texts, mean %.1f tokens (max %d); %d threads; %d variant row(s), %d measurable; "
              "%s protocol", splits.source, len(texts), float(np.mean(lengths)), max(lengths), threads, len(rows),
@@ -238,7 +237,7 @@ def _adaptive(proto: dict) -> dict:
 
 
 def run_sweep(s: Setup, o: Opened, peak: Peak, phases: Phases) -> Sweep:
-    max_pos = int(getattr(s.base_config, "max_position_embeddings", 512))
+    max_pos = modeling.max_positions(s.base_config)
     seqs = sorted({min(x, max_pos) for x in s.proto["sweep_seqs"]})
     batches = list(s.proto["sweep_batches"])
     vocab = int(getattr(s.base_config, "vocab_size", 30522))
@@ -361,7 +360,7 @@ def _probe_names(s: Setup, rows: list[dict]) -> list[str]:
 def memory_probes(s: Setup, o: Opened, e2e: EndToEnd, sweep: Sweep, names: list[str]) -> dict:
     """Peak memory + load time, one fresh process per row in ``names``."""
     memory: dict[str, dict] = {}
-    max_pos = int(getattr(s.base_config, "max_position_embeddings", 512))
+    max_pos = modeling.max_positions(s.base_config)
     vocab = int(getattr(s.base_config, "vocab_size", 30522))
     for v in progress([v for v in o.live if v.name in names], desc="memory", unit="variant"):
         spec = {"factory": "bertopt.runtimes:open_from_dict", "predictor": v.spec(s.threads),
