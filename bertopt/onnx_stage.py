@@ -56,7 +56,7 @@ class OnnxConfig(CommonConfig):
     ort_threads: Optional[int] = None
     trt_min_shapes: str = "1x1"
     trt_opt_shapes: str = "8x128"
-    trt_max_shapes: Optional[str] = None  # None = 64 x the source's max length
+    trt_max_shapes: Optional[str] = None  # None = 64 x the model's position limit
     trt_precisions: str = "fp32,fp16,int8"
     trt_workspace_mb: int = 4096
 
@@ -458,16 +458,17 @@ def _versions() -> dict:
 
 # ----------------------------------------------------------------------------- TensorRT
 def tensorrt_source(cfg: OnnxConfig, source: Source, ref: Reference, onnx_manifest: dict) -> tuple[dict, bool]:
-    """Build (or skip, with the reason) the TensorRT engines of one source; (manifest, was_up_to_date)."""
+    """Build (or skip, with the reason) the TensorRT engines of one source; (manifest, was_up_to_date).
+    Never fatal for the ONNX variants: engines that cannot be built or run are recorded per precision."""
     from . import tensorrt as trt_mod
 
     onnx_dir = artifacts.stage_dir(cfg.output_dir, "onnx") / source.name
     out_dir = artifacts.stage_dir(cfg.output_dir, "tensorrt") / source.name
     usable, reason = trt_mod.availability()
-    max_length = int(onnx_manifest.get("metrics", {}).get("max_length") or cfg.max_length)
+    index = _device_index(trt_device(cfg))
     fp = artifacts.fingerprint({"stage": "tensorrt", **trt_options(cfg)},
                                {"onnx": artifacts.manifest_digest(onnx_dir), "usable": usable, "reason": reason,
-                                "device": trt_mod.device_facts()})
+                                "device": trt_mod.device_facts(index=index)})
     current = None if cfg.force else artifacts.is_current(out_dir, fp)
     if current:
         log.info("tensorrt/%s is up to date (%s)", source.name, current.get("status"))
@@ -475,36 +476,59 @@ def tensorrt_source(cfg: OnnxConfig, source: Source, ref: Reference, onnx_manife
     artifacts.begin_stage(out_dir)
     artifacts.clear_dir(out_dir)
     with stage_logging("tensorrt", out_dir):
-        inputs = {"onnx": {"dir": str(onnx_dir), "manifest_digest": artifacts.manifest_digest(onnx_dir)}}
+        common = dict(config=cfg.to_dict(), fingerprint=fp,
+                      inputs={"onnx": {"dir": str(onnx_dir), "manifest_digest": artifacts.manifest_digest(onnx_dir)}})
         if not usable:
             log.warning("tensorrt/%s skipped: %s", source.name, reason)
-            return artifacts.write_manifest(out_dir, stage="tensorrt", status="skipped", reason=reason,
-                                            config=cfg.to_dict(), fingerprint=fp, inputs=inputs,
+            return artifacts.write_manifest(out_dir, stage="tensorrt", status="skipped", reason=reason, **common,
                                             metrics={"source": source.name, "engines": {},
-                                                     **trt_mod.device_facts()}), False
-        profile = trt_mod.make_profile(cfg.trt_min_shapes, cfg.trt_opt_shapes, cfg.trt_max_shapes, max_length,
-                                       max_positions=max_length)
-        metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb)
-        metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
-        ok = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]
-        status = "ok" if ok else "failed"
-        # write the manifest first: the runner checks it before loading a plan
-        artifacts.write_manifest(out_dir, stage="tensorrt", status=status, config=cfg.to_dict(), fingerprint=fp,
-                                 inputs=inputs, outputs=artifacts.list_files(out_dir), metrics=metrics,
-                                 reason=None if ok else "no engine could be built")
-        if ok:
-            _check_engines(ref, out_dir, metrics, profile)
-            manifest = artifacts.write_manifest(out_dir, stage="tensorrt", status=status, config=cfg.to_dict(),
-                                                fingerprint=fp, inputs=inputs, outputs=artifacts.list_files(out_dir),
-                                                metrics=metrics)
-        else:
-            raise ex.ExportError(f"tensorrt/{source.name}: no engine could be built: "
-                                 + "; ".join(f"{p}: {e['reason']}" for p, e in metrics["engines"].items()))
-    return manifest, False
+                                                     **trt_mod.device_facts(index=index)}), False
+        return _build_and_check(cfg, source, ref, onnx_dir, out_dir, index, common), False
 
 
-def _check_engines(ref: Reference, out_dir: Path, metrics: dict, profile) -> None:
-    """Parity and accuracy of each built engine on the eval split (batches cut to the profile)."""
+def _device_index(device: str) -> int:
+    _, _, idx = str(device).partition(":")
+    return int(idx) if idx.isdigit() else 0
+
+
+def trt_profile(cfg: OnnxConfig, ref: Reference):
+    """The optimization profile: the flags, with the default maximum sequence at the model's own
+    position limit (so every sequence the model accepts, e.g. compare's sweep cells, fits)."""
+    from . import modeling
+    from . import tensorrt as trt_mod
+
+    positions = modeling.max_positions(ref.model)
+    return trt_mod.make_profile(cfg.trt_min_shapes, cfg.trt_opt_shapes, cfg.trt_max_shapes, positions,
+                                max_positions=positions)
+
+
+def _build_and_check(cfg: OnnxConfig, source: Source, ref: Reference, onnx_dir: Path, out_dir: Path, index: int,
+                     common: dict) -> dict:
+    from . import tensorrt as trt_mod
+
+    profile = trt_profile(cfg, ref)
+    metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb,
+                                    device_index=index)
+    metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
+    # write the manifest first: the runner checks it before loading a plan
+    artifacts.write_manifest(out_dir, stage="tensorrt", status="ok", outputs=artifacts.list_files(out_dir),
+                             metrics=metrics, **common)
+    _check_engines(cfg, ref, out_dir, metrics, profile)
+    usable = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]
+    reason = None if usable else "no usable engine: " + "; ".join(
+        f"{p}: {e['reason']}" for p, e in metrics["engines"].items())
+    if reason:
+        log.error("tensorrt/%s: %s", source.name, reason)
+    return artifacts.write_manifest(out_dir, stage="tensorrt", status="ok" if usable else "failed", reason=reason,
+                                    outputs=artifacts.list_files(out_dir), metrics=metrics, **common)
+
+
+def _check_engines(cfg: OnnxConfig, ref: Reference, out_dir: Path, metrics: dict, profile) -> None:
+    """Parity and accuracy of each built engine on the eval split (batches cut to the profile),
+    gated like the ONNX variants: an FP32 engine must match PyTorch within --parity-tolerance,
+    a reduced-precision one may lose at most --accuracy-budget against PyTorch FP32. An engine
+    that cannot run or fails its gate is recorded (failed / rejected) and never used downstream."""
+    from .errors import PipelineError
     from .runtimes import TensorRTPredictor
 
     batches, labels = ref.eval_set
@@ -519,14 +543,36 @@ def _check_engines(ref: Reference, out_dir: Path, metrics: dict, profile) -> Non
     for precision, engine in metrics["engines"].items():
         if engine["status"] != "ok":
             continue
-        pred = TensorRTPredictor(out_dir / engine["file"], precision=precision)
-        logits = ref.logits(pred, batches, f"trt-{precision} eval")
+        try:
+            pred = TensorRTPredictor(out_dir / engine["file"], precision=precision, device=trt_device(cfg))
+            logits = ref.logits(pred, batches, f"trt-{precision} eval")
+        except PipelineError as exc:
+            engine.update(status="failed", reason=f"built but cannot run: {exc}")
+            log.warning("x trt-%s %s", precision, engine["reason"])
+            continue
         engine["parity"] = ex.compare_logits(torch_logits, logits)
         engine["accuracy"] = accuracy(logits, labels)
         engine["accuracy_delta"] = engine["accuracy"] - accuracy(torch_logits, labels)
-        log.info("✓ trt-%s  max|Δlogits| %.2e  argmax %.2f%%  acc %.4f (%+.2f pt)", precision,
-                 engine["parity"]["max_abs_diff"], engine["parity"]["argmax_agreement"] * 100, engine["accuracy"],
-                 engine["accuracy_delta"] * 100)
+        engine["device_memory_bytes"] = getattr(pred.runner, "device_memory_bytes", None)
+        engine["status"], engine["reason"] = engine_status(precision, engine["parity"]["max_abs_diff"],
+                                                           engine["accuracy_delta"], cfg)
+        log.info("%s trt-%s  max|Δlogits| %.2e  argmax %.2f%%  acc %.4f (%+.2f pt)%s",
+                 "✓" if engine["status"] == "ok" else "x", precision, engine["parity"]["max_abs_diff"],
+                 engine["parity"]["argmax_agreement"] * 100, engine["accuracy"], engine["accuracy_delta"] * 100,
+                 f"  {engine['status']}: {engine['reason']}" if engine["reason"] else "")
+
+
+def engine_status(precision: str, max_abs_diff: float, accuracy_delta: float,
+                  cfg: OnnxConfig) -> tuple[str, Optional[str]]:
+    """The ONNX variants' gate applied to an engine: trt-fp32 gets the FP32 rule, trt-fp16/int8
+    the budget rule. An FP32 engine over the tolerance is 'failed' here but not fatal: TensorRT is
+    a sub-stage whose engines are recorded one by one."""
+    return decide_status(precision, max_abs_diff, accuracy_delta, cfg.parity_tolerance, cfg.accuracy_budget)
+
+
+def trt_device(cfg: OnnxConfig) -> str:
+    """The CUDA device engines are built and checked on: --device cuda:N, else cuda (device 0)."""
+    return cfg.device if str(cfg.device).startswith("cuda") else "cuda"
 
 
 # ----------------------------------------------------------------------------- stage
@@ -593,7 +639,7 @@ def add_args(parser) -> None:
     cli.add(g, "--ort-threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: ORT's)")
     cli.add(g, "--trt-min-shapes", metavar="BxS", help="TensorRT profile minimum batch x sequence (default: 1x1)")
     cli.add(g, "--trt-opt-shapes", metavar="BxS", help="TensorRT profile optimum (default: 8x128)")
-    cli.add(g, "--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x max length)")
+    cli.add(g, "--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x the model's position limit)")
     cli.add(g, "--trt-precisions", metavar="A,B", help="TensorRT engines to build (default: fp32,fp16,int8)")
     cli.add(g, "--trt-workspace-mb", type=int, metavar="MB", help="TensorRT builder workspace (default: 4096)")
 
