@@ -210,8 +210,15 @@ def open_predictor(spec: dict):
     if kind == "tensorrt":
         if not hasattr(runtimes, "TensorRTPredictor"):
             raise PipelineError("bertopt.runtimes has no TensorRT predictor in this checkout")
-        return runtimes.TensorRTPredictor(spec["path"])
+        return runtimes.TensorRTPredictor(spec["path"], device=spec.get("device") or "cuda")
     raise ValueError(f"unknown predictor kind {kind!r}")
+
+
+def cell_refusal(predictor, batch: int, seq: int) -> Optional[str]:
+    """Why ``predictor`` cannot take a batch x seq input (a TensorRT engine outside its optimization
+    profile), or None. Predictors without an ``accepts`` method take every shape."""
+    accepts = getattr(predictor, "accepts", None)
+    return accepts((batch, seq)) if accepts else None
 
 
 def _dir_size(directory: Path) -> int:
@@ -956,12 +963,11 @@ def measure(cfg: CompareConfig) -> dict:
     # ---- machine peak (before)
     peak_before = bm.matmul_peak(threads, sizes=proto["matmul_sizes"])
     log.info("FP32 matmul peak: %.1f GFLOP/s (%d threads)", peak_before["gflops"], threads)
-    gpu_peak = (bm.matmul_peak(sizes=(2048, 4096), device="cuda")
-                if any(v.device == "cuda" for v in live) else None)
+    gpu_peaks = bm.gpu_matmul_peaks() if any(v.device == "cuda" for v in live) else None
 
     def peak_flops(v, cpu_gflops):
-        if v.device == "cuda":
-            return gpu_peak["gflops"] * 1e9 if gpu_peak else None
+        if v.device == "cuda":  # against the peak of the row's own compute type (fp32 rows run with TF32 off)
+            return bm.peak_for(v.precision, gpu_peaks)[0]
         return cpu_gflops * 1e9
 
     def timers_for(names):
@@ -984,6 +990,10 @@ def measure(cfg: CompareConfig) -> dict:
         tasks = {}
         for v in sweep_rows:
             p = preds[v.name]
+            why = cell_refusal(p, b, s)
+            if why:  # e.g. outside a TensorRT engine's optimization profile: recorded, never fatal
+                v.extra.setdefault("sweep_skipped", []).append({"batch": b, "seq": s, "reason": why})
+                continue
             inputs = _inputs_for(p, batch)
             tasks[v.name] = (lambda p=p, inputs=inputs: p.predict_logits(inputs))
         cell_stats: dict = {}
@@ -992,6 +1002,8 @@ def measure(cfg: CompareConfig) -> dict:
                                    guard=guard, stats=cell_stats)
         retried += cell_stats.get("retried_rounds", 0)
         for v in sweep_rows:
+            if v.name not in times:
+                continue
             t = times[v.name]
             flops = bm.forward_flops(configs[v.source], [s] * b)
             med = float(np.median(t))
@@ -1010,9 +1022,19 @@ def measure(cfg: CompareConfig) -> dict:
         if v.batching == "padded":
             e2e_batch[v.name] = (PADDED_BATCH, f"fixed: the naive reference pads every input to {PADDED_LENGTH}")
             continue
-        cands = [c for c in sweep[v.name] if c["seq"] == e2e_seq]
+        cands = [c for c in sweep[v.name] if c["seq"] == e2e_seq] or sweep[v.name]
+        if not cands:
+            e2e_batch[v.name] = (min(batches), "no sweep cell fits this variant: the smallest sweep batch")
+            continue
         best = max(cands, key=lambda c: c["samples_per_s"]["median"])
         e2e_batch[v.name] = (best["batch"], f"best sweep throughput at seq {e2e_seq} (eval mean {mean_len:.1f} tokens)")
+
+    for v in live:  # a TensorRT profile too small for the eval texts: that variant fails, the run goes on
+        why = cell_refusal(preds[v.name], e2e_batch[v.name][0], max(lengths))
+        if why:
+            v.status, v.reason = "failed", f"cannot take the end-to-end batches: {why}"
+            log.warning("%s: %s", v.name, v.reason)
+    live = [v for v in live if v.status == "ok"]
 
     # ---- end-to-end throughput + accuracy
     predictions: dict[str, np.ndarray] = {}
@@ -1200,7 +1222,7 @@ def measure(cfg: CompareConfig) -> dict:
                  "real_tokens": int(sum(lengths)), "settings": dcfg},
         "hardware": {"matmul_peak": {**peak_before, "gflops": peak_gflops, "before": peak_before["gflops"],
                                      "after": peak_after["gflops"]},
-                     "gpu_matmul_peak": gpu_peak},
+                     "gpu_matmul_peaks": gpu_peaks},
         "baseline_accuracy": baseline_acc,
         "variants": rows,
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
