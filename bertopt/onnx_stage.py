@@ -460,7 +460,7 @@ def add_args(parser, standalone: bool = False) -> None:
     add("--ort-threads", type=int, metavar="N", help="ONNX Runtime / OpenVINO intra-op threads (default: the runtime's)")
     add("--trt-min-shapes", metavar="BxS", help="TensorRT profile minimum batch x sequence (default: {default})")
     add("--trt-opt-shapes", metavar="BxS", help="TensorRT profile optimum (default: {default})")
-    add("--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x max length)")
+    add("--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x the model's position limit)")
     add("--trt-precisions", metavar="A,B", help="TensorRT engines to build (default: {default})")
     add("--trt-workspace-mb", type=int, metavar="MB", help="TensorRT builder workspace (default: {default})")
     if standalone:  # in main.py --accuracy-budget is compare's; here the old spelling was this stage's

@@ -72,8 +72,51 @@ DEVICE_PROVIDERS = {
 _ORT_INPUT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def _provider_name(p) -> str:
     return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def gpu_provider_options(providers, precision: str) -> list:
+    """The providers with the CUDA EP's TF32 mode set explicitly: off for fp32 variants (ORT's CUDA EP
+    runs FP32 MatMul/Conv as TF32 by default, which would make an "fp32" row a TF32 row), on
+    otherwise. Options already given by the caller win."""
+    out = []
+    for p in providers:
+        name, opts = (p[0], dict(p[1])) if isinstance(p, (tuple, list)) else (p, {})
+        if name == "CUDAExecutionProvider":
+            opts.setdefault("use_tf32", "0" if precision == "fp32" else "1")
+        out.append((name, opts) if opts else name)
+    return out
+
+
+def preload_gpu_libraries(ort) -> str | None:
+    """onnxruntime.preload_dlls() where this onnxruntime has it (>= 1.21): loads the CUDA/cuDNN
+    libraries from the nvidia-* wheels or torch so the CUDA EP can start. Returns the error text
+    when it fails (the CUDA EP will then most likely fall back to the CPU), else None."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return None
+    try:
+        preload()
+    except Exception as exc:  # missing libraries, wrong CUDA major
+        text = str(exc).strip()
+        return f"onnxruntime.preload_dlls() failed: {text.splitlines()[0][:200] if text else type(exc).__name__}"
+    return None
+
+
+def fallback_problem(requested, active, note: str | None = None) -> str | None:
+    """Why a session is not running on the GPU execution providers it was asked for (ORT silently
+    falls back to the CPU when e.g. the CUDA EP cannot load its libraries), or None."""
+    names = [_provider_name(p) for p in requested]
+    lost = [n for n in names if n in GPU_PROVIDERS and n not in active]
+    if not lost:
+        return None
+    note = note or ("its CUDA/cuDNN libraries could not be loaded: check that the CUDA major of onnxruntime-gpu "
+                    "matches the driver and the installed nvidia-* libraries")
+    return f"onnxruntime could not start {', '.join(lost)} and fell back to {', '.join(active) or 'nothing'} ({note})"
 
 
 class OrtPredictor:
@@ -97,7 +140,7 @@ class OrtPredictor:
         if graph_optimization_level not in GRAPH_LEVELS:
             raise ConfigError(f"graph optimization level must be one of {', '.join(GRAPH_LEVELS)} "
                               f"(got {graph_optimization_level!r})")
-        providers = list(providers or DEVICE_PROVIDERS["cpu"])
+        providers = gpu_provider_options(list(providers or DEVICE_PROVIDERS["cpu"]), precision)
         available = set(ort.get_available_providers())
         missing = [_provider_name(p) for p in providers if _provider_name(p) not in available]
         if missing:
@@ -113,6 +156,8 @@ class OrtPredictor:
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3  # errors only; session problems surface as exceptions
+        wants_gpu = any(_provider_name(p) in GPU_PROVIDERS for p in providers)
+        preload_note = preload_gpu_libraries(ort) if wants_gpu else None
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented, ...
@@ -125,6 +170,9 @@ class OrtPredictor:
             raise ModelError(f"cannot load {self.path}: {first} ({reason}; re-create it with "
                              "`python onnx_tensorrt.py --force`)") from None
         self.providers = self.session.get_providers()
+        problem = fallback_problem(providers, self.providers, preload_note)
+        if problem:
+            raise BackendUnavailable(f"{self.path.name}: {problem}")
         self.device = "cuda" if any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else "cpu"
         self.precision = precision
         parts = self.path.name.split(".")  # model.onnx -> fp32, model.int8.onnx -> int8
@@ -168,7 +216,13 @@ class TensorRTPredictor:
             precision = parts[1] if len(parts) == 3 else "fp32"
         self.precision = precision
         self.name = name or f"trt-{self.precision}"
+        self.device = device
         self.input_names = self.runner.input_names
+        self.stream = self.runner.stream
+
+    def accepts(self, shape) -> str | None:
+        """None when a (batch, sequence) batch fits the engine's optimization profile, else why not."""
+        return self.runner.accepts(shape)
 
     def predict_logits(self, batch):
         return self.runner.run(batch)
@@ -224,7 +278,7 @@ def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: i
 
 
 def open_tensorrt(path, *, name: str, precision: str, device: str = "cuda", threads: int | None = None):
-    return TensorRTPredictor(path, name=name, precision=precision)
+    return TensorRTPredictor(path, name=name, precision=precision, device=device if device.startswith("cuda") else "cuda")
 
 
 def open_predictor(spec, path, *, device: str | None = None, threads: int | None = None, name: str | None = None):

@@ -78,12 +78,15 @@ def resolve_precision(requested: str, device) -> PrecisionPlan:
     if requested == "fp32":
         return PrecisionPlan("fp32", dtype)
     if dtype == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        major, minor = torch.cuda.get_device_capability(device)
+        # native bf16 math starts at compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported()
+        # also says True on T4/V100, where bf16 is emulated and slower than fp32
+        bf16_ok = major >= 8
         if requested == "bf16" and not bf16_ok:
             return PrecisionPlan("bf16", dtype, available=False,
-                                 reason=f"{torch.cuda.get_device_name(device)} has no bf16 support; use --precision fp16")
+                                 reason=f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                                        "has no native bf16 math (needs 8.0+); use --precision fp16")
         if requested == "fp16" or (requested == "amp" and not bf16_ok):
-            major, _ = torch.cuda.get_device_capability(device)
             reason = "CUDA fp16 autocast with GradScaler"
             if major < 7:
                 reason += " (no tensor cores before compute capability 7.0: expect little speed-up)"

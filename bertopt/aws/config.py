@@ -26,6 +26,10 @@ IMAGE_TAGS = {
     "gpu": "2.6.0-transformers5.5.3-gpu-py312-cu124-ubuntu22.04",
 }
 CONTAINER_PYTHON = "3.12"  # the DLC's Python: vendored wheels must fit it (cp312 / py3 / abi3)
+# The GPU image above is CUDA 12.4 + cuDNN 9. onnxruntime-gpu on PyPI is a CUDA 13 build from 1.27 on
+# (the machine's own version, e.g. 1.31, would not start its CUDA EP there and the endpoint would
+# serve from the CPU), so the GPU archive pins a CUDA 12.x / cuDNN 9 build for Python 3.12.
+GPU_ORT_REQUIREMENT = "onnxruntime-gpu==1.20.2"
 # ECR registry account of the Deep Learning Containers per region (763104351884 unless listed)
 DLC_STANDARD_ACCOUNT = "763104351884"
 DLC_STANDARD_REGIONS = (

@@ -342,7 +342,11 @@ def _ort_version() -> str:
 def requirements(choice: ModelChoice, gpu: bool) -> list[str]:
     """What the container must pip-install beyond the Hugging Face DLC (torch, transformers, numpy)."""
     if choice.backend == "onnxruntime":
-        return [f"{'onnxruntime-gpu' if gpu else 'onnxruntime'}=={_ort_version()}"]
+        if gpu:  # the CUDA major of the container, not of this machine
+            from .config import GPU_ORT_REQUIREMENT
+
+            return [GPU_ORT_REQUIREMENT]
+        return [f"onnxruntime=={_ort_version()}"]
     if choice.backend == "openvino":
         return [f"openvino=={artifacts._version('openvino')}"]
     return []

@@ -195,7 +195,7 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
                  "real_tokens": int(sum(s.lengths)), "settings": s.dcfg},
         "hardware": {"matmul_peak": {**peak.before, "gflops": peak.cpu_gflops, "before": peak.before["gflops"],
                                      "after": peak.after["gflops"]},
-                     "gpu_matmul_peak": peak.gpu},
+                     "gpu_matmul_peaks": peak.gpu},
         "baseline_accuracy": baseline_acc, "variants": rows,
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
         "recommendation_message": message, "warnings": warnings, "eligibility": verdicts,

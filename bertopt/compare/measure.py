@@ -79,7 +79,8 @@ class Opened:
 
 @dataclass
 class Peak:
-    """Phase 'matmul_peak': this machine's FP32 matmul peak (CPU, and GPU where a row runs there)."""
+    """Phase 'matmul_peak': this machine's FP32 matmul peak on the CPU, and on the GPU (where a row runs
+    there) the peak per compute type, so each GPU row is divided by the peak of its own precision."""
 
     before: dict
     gpu: Optional[dict]
@@ -90,8 +91,8 @@ class Peak:
         return max(self.before["gflops"], (self.after or self.before)["gflops"])
 
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
-        if v.device == "cuda":
-            return self.gpu["gflops"] * 1e9 if self.gpu else None
+        if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
+            return bm.peak_for(v.precision, self.gpu)[0]
         return (cpu_gflops or self.before["gflops"]) * 1e9
 
 
@@ -144,7 +145,7 @@ def measure(cfg: CompareConfig) -> dict:
     o = open_predictors(s)
     phases.done("open_predictors")
     peak = Peak(bm.matmul_peak(s.threads, sizes=s.proto["matmul_sizes"]),
-                bm.matmul_peak(sizes=(2048, 4096), device="cuda") if any(v.device == "cuda" for v in o.live) else None)
+                bm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
     log.info("FP32 matmul peak: %.1f GFLOP/s (%d threads)", peak.before["gflops"], s.threads)
     phases.done("matmul_peak")
     sweep = run_sweep(s, o, peak, phases)
@@ -249,14 +250,14 @@ def run_sweep(s: Setup, o: Opened, peak: Peak, phases: Phases) -> Sweep:
     for b, q in progress(cells, desc="sweep", unit="cell"):
         batch = bm.synthetic_batch(b, q, vocab, s.with_tt)
         tasks = {v.name: (lambda p=o.preds[v.name], x=_inputs_for(o.preds[v.name], batch): p.predict_logits(x))
-                 for v in rows}
+                 for v in rows if not _refused(v, o.preds[v.name], b, q)}
         stats: dict = {}
         times = bm.run_interleaved(tasks, s.proto["repeats"], warmup=1, timers=_timers_for(o, list(tasks)),
                                    settle_s=s.proto["settle_s"], prime_below_s=s.proto["prime_below_s"],
                                    guard=s.guard, stats=stats, **_adaptive(s.proto))
         stats_all["retried_rounds"] = stats_all.get("retried_rounds", 0) + stats.get("retried_rounds", 0)
         out.rounds.append(stats.get("rounds"))
-        for v in rows:
+        for v in [v for v in rows if v.name in times]:
             t = times[v.name]
             med = float(np.median(t))
             out.cells[v.name].append({
@@ -268,6 +269,31 @@ def run_sweep(s: Setup, o: Opened, peak: Peak, phases: Phases) -> Sweep:
     return out
 
 
+def cell_refusal(predictor, batch: int, seq: int) -> Optional[str]:
+    """Why ``predictor`` cannot take a batch x seq input (a TensorRT engine outside its optimization
+    profile), or None. Predictors without an ``accepts`` method take every shape."""
+    accepts = getattr(predictor, "accepts", None)
+    return accepts((batch, seq)) if accepts else None
+
+
+def _refused(v, predictor, batch: int, seq: int) -> bool:
+    """Record a sweep cell the variant cannot take (never fatal); True when refused."""
+    why = cell_refusal(predictor, batch, seq)
+    if why:
+        v.extra.setdefault("sweep_skipped", []).append({"batch": batch, "seq": seq, "reason": why})
+    return bool(why)
+
+
+def _drop_unfit(s: Setup, o: Opened, chosen: dict) -> None:
+    """A TensorRT profile too small for the eval texts: that variant fails, the run goes on."""
+    for v in o.live:
+        why = cell_refusal(o.preds[v.name], chosen[v.name][0], max(s.lengths))
+        if why:
+            v.status, v.reason = "failed", f"cannot take the end-to-end batches: {why}"
+            log.warning("%s: %s", v.name, v.reason)
+    o.live[:] = [v for v in o.live if v.status == "ok"]
+
+
 def _e2e_batches(s: Setup, o: Opened, sweep: Sweep) -> tuple[dict, int, float]:
     """Each row's end-to-end batch size: the best sweep throughput at the eval set's typical length."""
     mean_len = float(np.mean(s.lengths))
@@ -277,7 +303,10 @@ def _e2e_batches(s: Setup, o: Opened, sweep: Sweep) -> tuple[dict, int, float]:
         if v.batching == "padded":
             chosen[v.name] = (PADDED_BATCH, f"fixed: the naive reference pads every input to {PADDED_LENGTH}")
             continue
-        cands = [c for c in sweep.cells[v.name] if c["seq"] == e2e_seq]
+        cands = [c for c in sweep.cells[v.name] if c["seq"] == e2e_seq] or sweep.cells[v.name]
+        if not cands:
+            chosen[v.name] = (min(sweep.batches), "no sweep cell fits this variant: the smallest sweep batch")
+            continue
         best = max(cands, key=lambda c: c["samples_per_s"]["median"])
         chosen[v.name] = (best["batch"], f"best sweep throughput at seq {e2e_seq} (eval mean {mean_len:.1f} tokens)")
     return chosen, e2e_seq, mean_len
@@ -285,6 +314,7 @@ def _e2e_batches(s: Setup, o: Opened, sweep: Sweep) -> tuple[dict, int, float]:
 
 def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEnd:
     chosen, e2e_seq, mean_len = _e2e_batches(s, o, sweep)
+    _drop_unfit(s, o, chosen)
     predictions, consistent = {}, {}
 
     def task(v):

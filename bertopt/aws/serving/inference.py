@@ -186,16 +186,15 @@ def _label_names(model_dir: str, settings: dict, num_labels: int | None = None) 
 
 
 def _providers(settings: dict):
-    """ONNX Runtime providers: BERTOPT_PROVIDERS (comma-separated) or CUDA first where the archive
-    targets a GPU and the CUDA provider is installed; CPU otherwise."""
+    """ONNX Runtime providers: BERTOPT_PROVIDERS (comma-separated), else CUDA first where the archive
+    targets a GPU, else CPU. A GPU archive always asks for the CUDA EP, so a container whose
+    onnxruntime cannot start it fails to load (OrtPredictor refuses a silent CPU fallback) instead
+    of serving from the CPU of a GPU instance."""
     env = os.environ.get("BERTOPT_PROVIDERS")
     if env:
         return [p.strip() for p in env.split(",") if p.strip()]
     if settings.get("device") == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return None  # CPU
 
 
