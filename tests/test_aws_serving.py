@@ -533,12 +533,14 @@ def test_thread_plan_container_env_and_cost():
     from bertopt.aws.config import AwsDeployConfig
     from bertopt.aws.deploy import container_env
 
-    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 2, 32)
+    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 1, 32)
+    assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
     assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
     assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 2, 4)
     env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
                                         instance_type="ml.c5.2xlarge"), "us-east-1")
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     serverless = container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
     assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in serverless and serverless["BERTOPT_BATCH_WAIT_MS"] == "0"
     # $0.1345/h at 100 requests/s: 360,000 requests an hour -> $0.3736 per million

@@ -221,7 +221,8 @@ def run_local(cfg) -> StageResult:
     """aws_deploy.py --local: serve until Ctrl-C."""
     start = time.perf_counter()
     plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
-    os.environ.setdefault("BERTOPT_THREADS", str(plan.model_threads))  # read by the handler's model_fn
+    for key, value in {"BERTOPT_THREADS": str(plan.model_threads), **instances.SERVING_ENV}.items():
+        os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer
     archive, model_dir, handler, model = prepare_local(cfg)
     threads = cfg.local_threads or plan.http_threads
     endpoint = LocalEndpoint(InvocationsApp(handler, model), cfg.host, cfg.port, threads)
