@@ -16,6 +16,7 @@ import pytest
 
 from test_aws_support import LABELS, tiny_stages, write_results
 
+from bertopt.aws.choice import resolve_model
 from bertopt.errors import ConfigError, MissingArtifact, PipelineError
 
 
@@ -160,7 +161,7 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     import onnxruntime
 
     assert f"onnxruntime=={onnxruntime.__version__}" in reqs.splitlines() and "--no-index" not in reqs
-    again = packaging.build_archive(packaging.resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
+    again = packaging.build_archive(resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
                                     cfg_for(tmp_path, saved, max_batch=8, max_chars=200), tmp_path / "again.tar.gz")
     assert again.sha256 == archive.sha256  # byte-for-byte reproducible
 
@@ -214,17 +215,17 @@ def test_vendor_wheels(tmp_path, saved):
     empty.mkdir()
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(empty))
     with pytest.raises(ConfigError, match="no .whl files"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
     other = tmp_path / "other"
     _fake_wheel(other, "flatbuffers", "25.1.1")
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(other))
     with pytest.raises(ConfigError, match=r"no wheel for onnxruntime==.*pip download"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
 
     wheels = tmp_path / "wheels"
     _fake_wheel(wheels, "onnxruntime", onnxruntime.__version__)
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(wheels))
-    info = packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
+    info = packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
     assert f"code/wheels/onnxruntime-{onnxruntime.__version__}-py3-none-any.whl" in info.members
     unpacked = packaging.extract_archive(info.path, tmp_path / "unpacked")
     reqs = (unpacked / "code" / "requirements.txt").read_text().splitlines()
@@ -242,36 +243,35 @@ def test_vendor_wheels(tmp_path, saved):
 
 # ----------------------------------------------------------------------------- model choice
 def test_resolve_model_sources(tmp_path, saved):
-    from bertopt.aws import packaging
 
     reports = tmp_path / "reports"
     with pytest.raises(PipelineError, match=r"results.json \(run `python compare.py` first, or choose the model"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "onnx")
-    choice = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+    choice = resolve_model(cfg_for(tmp_path, saved, model_path=None))
     assert (choice.variant, choice.backend, choice.path.name, choice.label_names, choice.max_length) == (
         "ort-fp32", "onnxruntime", "model.onnx", LABELS, 64)
     assert choice.origin.startswith("recommendation in")
     write_results(reports, saved, None)
     with pytest.raises(PipelineError, match="holds no recommendation.*--variant"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "tensorrt")
     with pytest.raises(PipelineError, match="TensorRT engine"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     onnx_dir = saved / "onnx" / "baseline"
     by_name = {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
                "device": "cpu", "path": None, "model_dir": str(onnx_dir), "onnx_variant": "fp32", "reason": "r"}
     write_results(reports, saved, by_name)  # a row naming its ONNX variant instead of the file
-    assert packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
+    assert resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
     write_results(reports, saved, {**by_name, "device": "cuda"})
     with pytest.raises(PipelineError, match="measured on cuda; deploy it on a GPU --instance-type"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, {**by_name, "path": str(onnx_dir / "model.int8.onnx")})
     with pytest.raises(MissingArtifact, match="model.int8.onnx .run `python onnx_tensorrt.py`"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
 
     def by_variant(v, **kw):
-        return packaging.resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
+        return resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
 
     assert by_variant("ort-fp32").path == saved / "onnx" / "baseline" / "model.onnx"
     assert by_variant("baseline:torch").backend == "torch"
@@ -284,7 +284,7 @@ def test_resolve_model_sources(tmp_path, saved):
     assert by_variant("fp16", instance_type="ml.g5.xlarge").precision == "fp16"
     with pytest.raises(MissingArtifact, match=r"pruned.*python prune.py"):
         by_variant("pruned:torch")
-    torch_dir = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
+    torch_dir = resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
     assert (torch_dir.backend, torch_dir.label_names) == ("torch", LABELS)
 
 

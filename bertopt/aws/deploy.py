@@ -21,6 +21,7 @@ from ..cli import StageResult, print_config
 from ..errors import MissingArtifact, PipelineError
 from ..logs import stage_logging
 from . import cleanup, instances, operate, packaging
+from .choice import resolve_model
 from .config import (DEPLOYMENT_TAG, LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsDeployConfig, dlc_image_uri,
                      role_account)
 from .record import Deployment
@@ -367,7 +368,7 @@ def run(cfg: AwsDeployConfig, aws: Optional[Aws] = None) -> StageResult:
             from .update import run_update
 
             return run_update(cfg, directory, aws, start)
-        choice = packaging.resolve_model(cfg)
+        choice = resolve_model(cfg)
         log.info("model: %s (%s, %s) from %s", choice.variant, choice.backend, choice.precision, choice.origin)
         fp = fingerprint(cfg, choice)
         record = Deployment.load(directory)

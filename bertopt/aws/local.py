@@ -25,6 +25,7 @@ from .. import artifacts
 from ..cli import StageResult
 from ..errors import BackendUnavailable, PipelineError
 from . import instances, packaging
+from .choice import resolve_model
 
 log = logging.getLogger("bertopt.aws.local")
 
@@ -207,7 +208,7 @@ class LocalEndpoint:
 def prepare_local(cfg, directory: Path | None = None):
     """Build model.tar.gz into ``<output_dir>/aws/local/``, unpack it, load its handler.
     Returns (archive info, model dir, handler module, model)."""
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     directory = Path(directory or artifacts.stage_dir(cfg.output_dir, "aws") / "local")
     archive = packaging.build_archive(choice, cfg, directory / packaging.ARCHIVE_NAME)
     model_dir = directory / "model"

@@ -19,6 +19,7 @@ from .. import artifacts
 from ..cli import StageResult
 from ..errors import MissingArtifact, PipelineError
 from . import cleanup, deploy, operate, packaging
+from .choice import resolve_model
 from .record import Deployment
 from .session import Aws, aws_error, wait
 
@@ -136,7 +137,7 @@ def _revision(record: Deployment, endpoint: str) -> str:
 
 def run_update(cfg, directory: Path, aws: Aws | None, start: float) -> StageResult:
     record = _load_live(cfg, directory)
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     if not cfg.force and artifacts.is_current(directory, deploy.fingerprint(cfg, choice)):
         log.info("endpoint %s already serves this model and configuration (--force updates anyway)", cfg.endpoint_name)
         return StageResult("aws_deploy", "up-to-date", time.perf_counter() - start,

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import artifacts, modeling
 from .. import benchmarking as bm
+from .. import gpu_measure as gm
 from ..config import CommonConfig
 from ..errors import PipelineError
 from ..logs import progress
@@ -92,7 +93,7 @@ class Peak:
 
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
         if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
-            return bm.peak_for(v.precision, self.gpu)[0]
+            return gm.peak_for(v.precision, self.gpu)[0]
         return (cpu_gflops or self.before["gflops"]) * 1e9
 
 
@@ -145,7 +146,7 @@ def measure(cfg: CompareConfig) -> dict:
     o = open_predictors(s)
     phases.done("open_predictors")
     peak = Peak(bm.matmul_peak(s.threads, sizes=s.proto["matmul_sizes"]),
-                bm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
+                gm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
     log.info("FP32 matmul peak: %.1f GFLOP/s (%d threads)", peak.before["gflops"], s.threads)
     phases.done("matmul_peak")
     sweep = run_sweep(s, o, peak, phases)
@@ -227,7 +228,7 @@ def open_predictors(s: Setup) -> Opened:
 
 
 def _timers_for(o: Opened, names) -> dict:
-    return {n: bm.CudaTimer() for n in names if next(v for v in o.live if v.name == n).device == "cuda"}
+    return {n: gm.CudaTimer() for n in names if next(v for v in o.live if v.name == n).device == "cuda"}
 
 
 def _adaptive(proto: dict) -> dict:
