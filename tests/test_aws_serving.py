@@ -335,6 +335,29 @@ def test_local_endpoint_contract(served):
     assert status == 200 and len(json.loads(body)) == 2
 
 
+def test_local_endpoint_describes_what_it_serves_from(served):
+    """{"describe": true} (what the deploy's smoke test asks): the device and providers in use."""
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": true}')
+    info = json.loads(body)
+    assert status == 200 and info["device"] == "cpu" and info["backend"] == "onnxruntime"
+    assert info["providers"] == ["CPUExecutionProvider"] and info["variant"] == "ort-fp32"
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": false}')
+    assert status == 400 and "inputs" in json.loads(body)["error"]  # only the exact request describes
+
+
+def test_gpu_torch_archive_refuses_to_serve_from_the_cpu(saved, monkeypatch):
+    """A GPU archive on a host where torch sees no CUDA: model_fn fails (the endpoint never reports
+    healthy) instead of quietly serving from the CPU."""
+    import torch
+
+    from bertopt.aws.serving import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="serves from a GPU, but torch sees no CUDA device"):
+        inference._make_predictor(str(saved / "baseline"), {"backend": "torch", "device": "cuda"})
+    assert inference._make_predictor(str(saved / "baseline"), {"backend": "torch"}).device == "cpu"
+
+
 @pytest.mark.parametrize("body,ctype,accept,status,fragment", [
     (b'{"inputs": ["unclosed"', "application/json", None, 400, "malformed JSON"),
     (b'{"inputs": ["x"]}', "application/xml", None, 415, "unsupported Content-Type"),
@@ -533,10 +556,10 @@ def test_thread_plan_container_env_and_cost():
     from bertopt.aws.config import AwsDeployConfig
     from bertopt.aws.deploy import container_env
 
-    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 1, 32)
+    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 2, 32)
     assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
     assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
-    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 2, 4)
+    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 1, 4)
     env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
                                         instance_type="ml.c5.2xlarge"), "us-east-1")
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
@@ -568,3 +591,6 @@ def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, 
     assert res["modes"]["micro-batching"]["at_2x_per_request"]["requests"] > 0
     assert res["pricing"]["instance_type"] == "ml.m5.large" and res["pricing"]["as_of"]
     assert res["cost_per_million"]["per-request"] > 0 and res["speedup"] > 0
+    ceiling = res["model_only"]  # the bare model at batch 1 and 32: the most batching can gain
+    assert ceiling["batch1_texts_per_s"] > 0 and ceiling["ratio"] == pytest.approx(
+        ceiling["batch32_texts_per_s"] / ceiling["batch1_texts_per_s"], abs=0.01)

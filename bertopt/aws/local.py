@@ -159,7 +159,7 @@ class InvocationsApp:
         try:
             data = self.handler.input_fn(body, environ.get("CONTENT_TYPE"))
             prediction = self.handler.predict_fn(data, self.model)
-            if not self.batched:  # one request is one model run
+            if not self.batched and isinstance(data, list):  # one request is one model run
                 self.metrics.observe_batch(1, len(data))
             out = self.handler.output_fn(prediction, environ.get("HTTP_ACCEPT") or "application/json")
         except Exception as exc:

@@ -121,7 +121,7 @@ def _blue_green(aws, cfg, record, choice, image, old_config, created, update) ->
     _switch(aws, cfg, endpoint, new_config, config)
     update["switched"] = True
     if cfg.smoke_test:
-        deploy.smoke_test(aws, endpoint, choice.label_names)
+        deploy.smoke_test(aws, endpoint, choice.label_names, deploy.serving_device(cfg))
     return [archive, s3_uri]
 
 
