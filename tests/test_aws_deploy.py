@@ -389,20 +389,20 @@ def _stubbed_runtime(*bodies):
 def test_smoke_test_fails_when_a_gpu_endpoint_serves_from_the_cpu(monkeypatch):
     """The smoke test asks the endpoint what it serves from; a GPU deploy answered from the CPU
     (or by a handler that does not describe itself) fails it, so the deploy rolls back."""
-    from bertopt.aws import deploy as deploy_mod
+    from bertopt.aws import smoke
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     aws, stub = _stubbed_runtime(SMOKE_ANSWER, DESCRIBE_ANSWER)
     with pytest.raises(PipelineError, match=r"serves from cpu \(providers \['CPUExecutionProvider'\]\), but it "
                                             r"was deployed for cuda"):
-        deploy_mod.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda")
+        smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda")
     stub.assert_no_pending_responses()
     aws, _ = _stubbed_runtime(SMOKE_ANSWER, SMOKE_ANSWER)
     with pytest.raises(PipelineError, match="did not describe its model"):
-        deploy_mod.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cpu")
+        smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cpu")
     aws, _ = _stubbed_runtime(SMOKE_ANSWER, dict(DESCRIBE_ANSWER, device="cuda"))
-    assert deploy_mod.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda") == SMOKE_ANSWER
+    assert smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda") == SMOKE_ANSWER
 
 
 def test_failed_endpoint_prints_reason_and_rolls_back(aws, tmp_path, saved):

@@ -9,7 +9,6 @@ Every resource is tagged ``bertopt:project`` + ``bertopt:deployment-id`` and rec
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from .. import artifacts, logs
 from ..cli import StageResult, print_config
 from ..errors import MissingArtifact, PipelineError
 from ..logs import stage_logging
-from . import cleanup, instances, operate, packaging
+from . import cleanup, instances, operate, packaging, smoke
 from .choice import resolve_model
 from .config import (DEPLOYMENT_TAG, LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsDeployConfig, dlc_image_uri,
                      role_account)
@@ -30,9 +29,6 @@ from .session import Aws, aws_error, is_not_found, wait
 log = logging.getLogger("bertopt.aws.deploy")
 
 STAGE = "aws"
-SMOKE_TEXTS = ["A gripping, beautifully acted film that stays with you.",
-               "Dull, predictable and far too long.",
-               "The soundtrack is fine."]
 # fields that change what gets deployed (the skip fingerprint)
 RESULT_FIELDS = ("aws_region", "aws_account_id", "aws_role_arn", "endpoint_name", "variant", "model_path", "bucket",
                  "s3_prefix", "instance_type", "instance_count", "serverless_memory", "serverless_concurrency",
@@ -296,61 +292,6 @@ def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_u
                                            f"{group}, kept for reading)")
 
 
-def _invoke(aws: Aws, endpoint: str, payload: dict) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        resp = aws.client("sagemaker-runtime").invoke_endpoint(
-            EndpointName=endpoint, ContentType="application/json", Accept="application/json",
-            Body=json.dumps(payload).encode())
-        return resp["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise aws_error(exc, f"invoking endpoint {endpoint}") from None
-
-
-def check_device(aws: Aws, endpoint: str, device: str) -> dict:
-    """Ask the endpoint's handler what it serves from (``{"describe": true}``): PipelineError unless
-    its device is ``device``, so a GPU endpoint whose container fell back to the CPU is not called
-    a success (its model_fn refuses a CPU fallback; this checks it from the outside)."""
-    body = _invoke(aws, endpoint, {"describe": True})
-    try:
-        info = json.loads(body)
-    except ValueError:
-        info = None
-    if not isinstance(info, dict) or "device" not in info:
-        raise PipelineError(f"smoke test: endpoint {endpoint} did not describe its model ({body[:200]!r}); "
-                            "is it serving a bertopt model.tar.gz?")
-    if info["device"] != device:
-        raise PipelineError(f"smoke test: endpoint {endpoint} serves from {info['device']} (providers "
-                            f"{info.get('providers')}), but it was deployed for {device}")
-    return info
-
-
-def serving_device(cfg) -> str:
-    """The device an endpoint deployed with ``cfg`` must serve from."""
-    return "cuda" if cfg.gpu else "cpu"
-
-
-def smoke_test(aws: Aws, endpoint: str, label_names: list, device: str = "cpu") -> list:
-    """Invoke the endpoint with a few sentences, then check the device it serves from; PipelineError
-    if the answer is not as specified."""
-    body = _invoke(aws, endpoint, {"inputs": SMOKE_TEXTS})
-    try:
-        preds = json.loads(body)
-        ok = (isinstance(preds, list) and len(preds) == len(SMOKE_TEXTS)
-              and all(p.get("label") in label_names and 0.0 <= float(p.get("score")) <= 1.0 for p in preds))
-    except (ValueError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise PipelineError(f"smoke test: endpoint {endpoint} answered {body[:200]!r}, expected "
-                            f"{len(SMOKE_TEXTS)} {{label, score}} predictions")
-    for text, p in zip(SMOKE_TEXTS, preds):
-        print(f"  {p['label']:>10s} {float(p['score']):.3f}  {text}")
-    info = check_device(aws, endpoint, device)
-    print(f"  serving from {info['device']} ({info.get('backend')}, {info.get('variant')})")
-    return preds
-
-
 # ---------------------------------------------------------------------------------------- run
 def _new_record(directory: Path, cfg, aws: Aws, choice, archive, carried: list) -> Deployment:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -450,7 +391,7 @@ def _smoke_and_operate(cfg, aws, record, label_names, created):
     preds = None
     if cfg.smoke_test:
         try:
-            preds = smoke_test(aws, cfg.endpoint_name, label_names, serving_device(cfg))
+            preds = smoke.smoke_test(aws, cfg.endpoint_name, label_names, smoke.serving_device(cfg))
         except PipelineError as exc:
             record.update(smoke_test={"error": str(exc)})
             raise _fail(aws, cfg, record, created, f"endpoint {cfg.endpoint_name} is InService but the {exc} (logs: "

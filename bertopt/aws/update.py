@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import artifacts
 from ..cli import StageResult
 from ..errors import MissingArtifact, PipelineError
-from . import cleanup, deploy, operate, packaging
+from . import cleanup, deploy, operate, packaging, smoke
 from .choice import resolve_model
 from .record import Deployment
 from .session import Aws, aws_error, wait
@@ -121,7 +121,7 @@ def _blue_green(aws, cfg, record, choice, image, old_config, created, update) ->
     _switch(aws, cfg, endpoint, new_config, config)
     update["switched"] = True
     if cfg.smoke_test:
-        deploy.smoke_test(aws, endpoint, choice.label_names, deploy.serving_device(cfg))
+        smoke.smoke_test(aws, endpoint, choice.label_names, smoke.serving_device(cfg))
     return [archive, s3_uri]
 
 
