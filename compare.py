@@ -11,7 +11,8 @@ Examples:
 import sys
 
 from bertopt import cli
-from bertopt.compare_stage import CompareConfig, add_compare_args, build_compare, run
+from bertopt.compare.config import CompareConfig, add_compare_args, build_compare
+from bertopt.compare.stage import run
 
 
 def main(argv=None) -> int:

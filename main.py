@@ -12,15 +12,14 @@ from bertopt import cli, distributed, logs
 from bertopt.errors import ConfigError
 from bertopt.stages import STAGES, by_name
 
-# defaults of the end-to-end run, sized to finish in about 15 minutes on a 2-core CPU: a training
-# subset and a 2x2 compare sweep holding the batch-1 and batch-32 cells at 128 tokens that the
-# headline figures use (the stage scripts alone default to the full data and the full 4x4 sweep)
-MAIN_DEFAULTS = {"max_train_samples": 12000, "epochs": 1, "sweep_batches": "1,32", "sweep_seqs": "32,128"}
+# defaults of the end-to-end run, sized to finish in about 10 minutes on a 2-core CPU: a training
+# subset, plus each stage's own pipeline_defaults (bertopt.stages; e.g. compare's fast protocol);
+# the stage scripts alone default to the full data and the full protocol
+MAIN_DEFAULTS = {"max_train_samples": 12000, "epochs": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.new_parser("main.py", __doc__)
     g = parser.add_argument_group("pipeline")
     g.add_argument("--stages", metavar="A,B", help="run only these stages (comma-separated)")
     g.add_argument("--skip", metavar="A,B", default="", help="skip these stages")
@@ -47,6 +46,17 @@ def select(ns) -> list:
     return [s for s in STAGES if s.name not in skip and (not s.optional or (s.enabled_by and s.enabled_by(ns)))]
 
 
+def _apply_defaults(parser, ns, values: dict) -> list[str]:
+    """Set the flags the user left unset; returns what was applied, as flags."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    applied = []
+    for key, value in values.items():
+        if hasattr(ns, key) and getattr(ns, key) is None:
+            setattr(ns, key, value)
+            applied.append(f"{flags.get(key, key)} {value}")
+    return applied
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -56,17 +66,12 @@ def main(argv=None) -> int:
             for s in STAGES:
                 print(f"{s.name:18s} {s.script:20s} {s.description}{' (optional)' if s.optional else ''}")
             return 0
-        applied = []
-        for key, value in MAIN_DEFAULTS.items():
-            if hasattr(ns, key) and getattr(ns, key) is None:
-                setattr(ns, key, value)
-                applied.append(f"--{key.replace('_', '-')} {value}")
         stages = select(ns)
-        if hasattr(ns, "source") and ns.source is None and any(s.name == "onnx_tensorrt" for s in stages):
-            # the ONNX graphs of the mixed-precision model are the baseline's graphs with other weights
-            # (same speed); exporting and timing them again would double the default run's compare
-            ns.source = ",".join(["baseline"] + (["pruned"] if any(s.name == "prune" for s in stages) else []))
-            applied.append(f"--source {ns.source}")
+        applied = _apply_defaults(parser, ns, MAIN_DEFAULTS)
+        running = {st.name for st in stages}
+        for st in stages:
+            if st.pipeline_defaults:
+                applied += _apply_defaults(parser, ns, st.pipeline_defaults(ns, running))
         problems, configs = [], []
         for s in stages:
             try:
@@ -81,9 +86,8 @@ def main(argv=None) -> int:
     logs.configure(quiet=bool(ns.quiet))
     if applied:
         print(f"main.py defaults: {', '.join(applied)} (override with the same flags; "
-              "--max-train-samples all for the full training set, --sweep-batches 1,8,32,64 "
-              "--sweep-seqs 32,64,128,256 for the full sweep, --source baseline,mixed_precision to export "
-              "the mixed-precision model to ONNX too)")
+              "--max-train-samples all for the full training set, --protocol full for compare's full "
+              "protocol, --source baseline,mixed_precision to export the mixed-precision model to ONNX too)")
     rows, code, start = [], 0, time.perf_counter()
     for s, cfg in zip(stages, configs):
         code, result = cli.run_stage(s.name, s.run, cfg)

@@ -13,7 +13,9 @@ from bertopt.stages import ONNX_TENSORRT
 
 
 def main(argv=None) -> int:
-    return cli.stage_main("onnx_tensorrt", __doc__, None, ONNX_TENSORRT.add_args,
+    from bertopt.onnx_stage import add_args
+
+    return cli.stage_main("onnx_tensorrt", __doc__, None, lambda parser: add_args(parser, standalone=True),
                           lambda cfg: ONNX_TENSORRT.run(cfg), argv, build=ONNX_TENSORRT.build_config)
 
 

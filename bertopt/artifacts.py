@@ -1,8 +1,11 @@
-"""The only module that knows the layout of saved_models/ and the manifest format.
+"""The only module that knows the layout of saved_models/ and reports/ (every file name stages
+hand each other; variant files are named in :mod:`bertopt.variants`), the manifest format, and
+the stage lifecycle (:func:`stage_run`: fingerprint -> skip-if-current -> begin -> clear -> log
+-> manifest).
 
 A stage directory is complete only when it holds ``manifest.json``; the manifest is written
-last and atomically (temp file + rename), so a stage killed half-way leaves a directory that
-no downstream stage accepts.
+last and atomically (temp file + rename, with the umask's permissions), so a stage killed
+half-way leaves a directory that no downstream stage accepts.
 """
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ from typing import Any, Iterable
 from .errors import MissingArtifact, PipelineError
 
 MANIFEST = "manifest.json"
+STAGE_LOG = "stage.log"
 SCHEMA_VERSION = 1
+SENSITIVITY_FILE = "sensitivity.json"   # prune.py's per-layer analysis, beside the pruned model
+RESULTS_FILE = "results.json"           # compare.py's measurements (schema: bertopt.results)
+RESULTS_CSV, SUMMARY_FILE, REPORT_FILE = "results.csv", "summary.md", "performance_report.html"
+REPORT_FILES = (RESULTS_FILE, RESULTS_CSV, SUMMARY_FILE, REPORT_FILE)
 
 # stage name -> (directory under the output dir, command that produces it)
 STAGE_DIRS = {
@@ -45,6 +53,14 @@ def stage_dir(output_dir: str | os.PathLike, stage: str) -> Path:
 
 def producing_command(stage: str) -> str:
     return STAGE_DIRS[stage][1]
+
+
+def sensitivity_path(output_dir: str | os.PathLike) -> Path:
+    return stage_dir(output_dir, "pruned") / SENSITIVITY_FILE
+
+
+def results_path(reports_dir: str | os.PathLike) -> Path:
+    return Path(reports_dir) / RESULTS_FILE
 
 
 def manifest_path(directory: str | os.PathLike) -> Path:
@@ -88,6 +104,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report must be shareable like any file
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -96,6 +113,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -132,7 +155,7 @@ def begin_stage(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def clear_dir(directory: str | os.PathLike, keep: Iterable[str] = ("stage.log",)) -> None:
+def clear_dir(directory: str | os.PathLike, keep: Iterable[str] = (STAGE_LOG,)) -> None:
     """Remove everything in a stage directory except ``keep`` (used before a forced re-run)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -231,4 +254,47 @@ def list_files(directory: str | os.PathLike) -> list[str]:
     """Relative paths of every file under a directory (manifest and logs excluded)."""
     directory = Path(directory)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, "stage.log") and not p.name.startswith("."))
+                  if p.is_file() and p.name not in (MANIFEST, STAGE_LOG) and not p.name.startswith("."))
+
+
+class StageRun:
+    """One run of a stage over one directory: the lifecycle every stage shares.
+
+    ``run = stage_run(dir, "onnx", fp, force=cfg.force)``; ``run.current`` is the existing
+    manifest when it matches the fingerprint (the stage is up to date: return it). Otherwise
+    ``with run:`` drops the old manifest, checks the directory is writable, clears it (``clear``
+    and ``keep``, or ``remove`` = only these names), and logs into ``<dir>/stage.log`` (``log_as``);
+    ``run.finish(...)`` writes the manifest last (stage and fingerprint filled in)."""
+
+    def __init__(self, directory, stage: str, fp: str, *, force: bool = False, clear: bool = True,
+                 remove: Iterable[str] = (), log_as: str | None = None):
+        self.directory, self.stage, self.fingerprint = Path(directory), stage, fp
+        self.clear, self.remove, self.log_as = clear, tuple(remove), log_as or stage
+        self.current = None if force else is_current(self.directory, fp)
+        self.manifest: dict | None = None
+        self._logging = None
+
+    def __enter__(self) -> "StageRun":
+        from .logs import stage_logging
+
+        begin_stage(self.directory)
+        if self.remove:
+            for name in self.remove:
+                (self.directory / name).unlink(missing_ok=True)
+        elif self.clear:
+            clear_dir(self.directory)
+        self._logging = stage_logging(self.log_as, self.directory)
+        self._logging.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return bool(self._logging.__exit__(*exc))
+
+    def finish(self, *, status: str, config: dict, **kwargs) -> dict:
+        self.manifest = write_manifest(self.directory, stage=self.stage, status=status, config=config,
+                                       fingerprint=self.fingerprint, **kwargs)
+        return self.manifest
+
+
+def stage_run(directory, stage: str, fp: str, **kwargs) -> StageRun:
+    return StageRun(directory, stage, fp, **kwargs)

@@ -1,7 +1,8 @@
 """Measurement: timing statistics, the interleaved round-robin protocol, FLOP counting, the
-machine's matmul peak, and peak memory of a fresh process running one variant.
+machine's CPU matmul peak, and peak memory of a fresh process running one variant (its GPU
+figures, the GPU timer and the per-compute-type GPU peaks live in :mod:`bertopt.gpu_measure`).
 
-Everything here is independent of *what* is measured: compare_stage.py builds the workloads
+Everything here is independent of *what* is measured: bertopt.compare builds the workloads
 (tokenize + predict closures) and hands them to these functions. Timing is never asserted in
 tests; the statistics and the protocol are (with synthetic clocks and timings).
 """
@@ -63,6 +64,32 @@ def round_robin_order(names: Sequence[str], rounds: int) -> list[list[str]]:
     return [names[r % n:] + names[:r % n] for r in range(rounds)]
 
 
+def _guarded_round(tasks, order, timed, guard, max_share: float, retries_left: int, min_guarded_s: float):
+    """One timed round, measured again (up to ``retries_left`` times) while other processes took
+    more than ``max_share`` of the CPU; returns (durations, other share, retries used)."""
+    used = 0
+    while True:
+        watch = guard() if guard else None
+        got = {name: timed(name) for name in order}
+        share = watch() if watch else None
+        if (share is not None and share > max_share and used < retries_left
+                and sum(got.values()) >= min_guarded_s):  # shorter rounds: too few clock ticks
+            used += 1
+            for name in order:  # tasks that keep their own records drop the discarded call
+                getattr(tasks[name], "discard_last", lambda: None)()
+            log.info("other processes took %.0f%% of the CPU during a timed round: measuring it again", 100 * share)
+            continue
+        return got, share, used
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median of a sample (inf for an empty one or a zero median)."""
+    if not len(values):
+        return float("inf")
+    med = float(np.median(values))
+    return (max(values) - min(values)) / med if med > 0 else float("inf")
+
+
 def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
                     clock: Callable[[], float] = time.perf_counter,
                     timers: Optional[Mapping[str, Callable[[Callable[[], object]], float]]] = None,
@@ -71,7 +98,8 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     sleep: Callable[[float], None] = time.sleep,
                     guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
                     max_retries: int = 2, min_guarded_s: float = 0.2,
-                    stats: Optional[dict] = None) -> dict[str, list[float]]:
+                    stats: Optional[dict] = None, min_repeats: Optional[int] = None,
+                    tolerance: Optional[float] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -91,7 +119,11 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     of every kept round.
 
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
-    is timed with ``clock``. ``progress(name, round)`` is called after each recorded call."""
+    is timed with ``clock``. ``progress(name, round)`` is called after each recorded call.
+
+    ``min_repeats`` + ``tolerance`` (optional): stop after round ``min_repeats`` or any later one
+    once every task's spread (max - min) / median is within ``tolerance``; ``stats['rounds']``
+    says how many rounds were recorded."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     timers = timers or {}
@@ -121,27 +153,21 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     results: dict[str, list[float]] = {name: [] for name in names}
     retries, shares = 0, []
     for r, order in enumerate(round_robin_order(names, repeats)):
-        while True:
-            watch = guard() if guard else None
-            got = {name: timed(name) for name in order}
-            share = watch() if watch else None
-            if (share is not None and share > max_share and retries < max_retries
-                    and sum(got.values()) >= min_guarded_s):  # shorter rounds: too few clock ticks
-                retries += 1
-                for name in order:  # tasks that keep their own records drop the discarded call
-                    getattr(tasks[name], "discard_last", lambda: None)()
-                log.info("other processes took %.0f%% of the CPU during a timed round: measuring it again",
-                         100 * share)
-                continue
-            break
+        got, share, retried = _guarded_round(tasks, order, timed, guard, max_share, max_retries - retries,
+                                             min_guarded_s)
+        retries += retried
         shares.append(share)
         for name in order:
             results[name].append(got[name])
             if progress:
                 progress(name, r)
+        if min_repeats is not None and tolerance is not None and r + 1 >= min_repeats and r + 1 < repeats \
+                and all(relative_spread(t) <= tolerance for t in results.values()):
+            break
     if stats is not None:
         stats["retried_rounds"] = stats.get("retried_rounds", 0) + retries
         stats.setdefault("other_cpu_share", []).extend(round(x, 3) for x in shares if x is not None)
+        stats["rounds"] = len(shares)
     return results
 
 
@@ -172,24 +198,6 @@ class CpuShare:
     @classmethod
     def guard(cls) -> Callable[[], float]:
         return cls().others
-
-
-class CudaTimer:
-    """Times one call with CUDA events after synchronising (GPU work is asynchronous)."""
-
-    def __init__(self, device: str = "cuda"):
-        self.device = device
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        import torch
-
-        torch.cuda.synchronize(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -323,20 +331,11 @@ def probe_memory(spec: Mapping) -> dict:
     factory = _import(spec["factory"])
     device = spec.get("device", "cpu")
     cuda = device.startswith("cuda")
-    nvml = None
     if cuda:
         import torch
 
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-            nvml_before = pynvml.nvmlDeviceGetMemoryInfo(nvml).used
-        except Exception:  # nvidia-ml-py missing or no NVML
-            nvml = None
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
     predictor = factory(dict(spec["predictor"]))
@@ -359,14 +358,9 @@ def probe_memory(spec: Mapping) -> dict:
     }
     out["model_rss_mb"] = out["peak_rss_mb"] - out["rss_before_load_mb"]
     if cuda:
-        import torch
+        from .gpu_measure import gpu_memory
 
-        torch.cuda.synchronize()
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        if nvml is not None:
-            import pynvml
-
-            out["nvml_used_mb"] = (pynvml.nvmlDeviceGetMemoryInfo(nvml).used - nvml_before) / 2**20
+        out.update(gpu_memory(predictor, device))
     return out
 
 

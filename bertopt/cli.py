@@ -1,12 +1,16 @@
-"""Shared command-line plumbing: flag definitions, config files, error mapping, summary line.
+"""Shared command-line plumbing: the flag namespace, config files, error mapping, summary line.
 
-Every script builds its parser here, so the same flag means the same thing everywhere and
-main.py can pass shared flags to every stage.
+Every script builds its parser here (``allow_abbrev=False``: no prefix matching), so the same flag
+means the same thing everywhere and main.py can pass shared flags to every stage. :func:`add`
+owns the namespace rule: a flag several stages share is added once; a second definition with a
+different meaning (dest, type, action, choices or help) raises :class:`FlagConflict` when the
+parser is built. Defaults shown in ``--help`` come from the config dataclasses (``{default}``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import logs
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, first_line
 
 
 @dataclass
@@ -57,64 +61,120 @@ def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
     return option in parser._option_string_actions  # argparse keeps this public-ish map
 
 
-def add(parser, *flags, **kwargs):
-    """add_argument that silently keeps the first definition of a flag (stages share flags)."""
-    if any(_has_option(parser, f) for f in flags):
-        return None
-    return parser.add_argument(*flags, **kwargs)
+class FlagConflict(Exception):
+    """Two stages define one flag with different meanings (a programming error, not a user error)."""
+
+
+def _meaning(action: argparse.Action) -> tuple:
+    return (action.dest, type(action).__name__, getattr(action.type, "__name__", action.type),
+            tuple(action.choices or ()), action.help)
+
+
+def default_text(config_cls, dest: str) -> str:
+    """How ``--help`` shows a dataclass field's default."""
+    f = {x.name: x for x in dataclasses.fields(config_cls)}.get(dest)
+    if f is None or f.default is dataclasses.MISSING:
+        return "-"
+    v = f.default
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return "none" if v is None else str(v)
+
+
+def add(parser, *flags, config=None, **kwargs):
+    """add_argument for flags that stages share: added once per parser; a second definition of a
+    flag with a different meaning raises FlagConflict. ``config`` (a dataclass) fills ``{default}``
+    in the help text from the field of the flag's dest, so defaults are written once."""
+    dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+    if config is not None and "{default}" in (kwargs.get("help") or ""):
+        kwargs["help"] = kwargs["help"].replace("{default}", default_text(config, dest).replace("%", "%%"))
+    existing = [parser._option_string_actions[f] for f in flags if _has_option(parser, f)]
+    if not existing:
+        return parser.add_argument(*flags, **kwargs)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False).add_argument(*flags, **kwargs)
+    for action in existing:
+        if _meaning(action) != _meaning(probe):
+            raise FlagConflict(f"{'/'.join(flags)} is defined twice with different meanings: "
+                               f"{_meaning(action)} vs {_meaning(probe)}; give one of them a distinct name")
+    return None
+
+
+class _Renamed(argparse.Action):
+    """An old spelling that became ambiguous: one line naming the new flag, exit 1 (via ConfigError)."""
+
+    def __init__(self, option_strings, dest, message: str = "", **kwargs):
+        self.message = message
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} {self.message}")
+
+
+def renamed(parser, old: str, new: str, message: str | None = None) -> None:
+    """Reject ``old`` with a one-line error naming ``new`` (hidden from --help)."""
+    if not _has_option(parser, old):
+        parser.add_argument(old, action=_Renamed, message=message or f"is now {new}")
+
+
+def new_parser(prog: str, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """Every script's parser: no prefix matching (``--variant`` never silently means ``--variants``)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
     from .config import CommonConfig
 
-    d = defaults or CommonConfig.__dataclass_fields__
     g = parser.add_argument_group("common options (shared by every stage)")
-    add(g, "--config", metavar="FILE", help="YAML or JSON file of option values (flags override it)")
-    add(g, "--model", "--model-path", "--model_path", dest="model", metavar="ID|DIR",
+    a = functools.partial(add, g, config=defaults or CommonConfig)
+    a("--config", metavar="FILE", help="YAML or JSON file of option values (flags override it)")
+    a("--model", "--model-path", "--model_path", dest="model", metavar="ID|DIR",
         help="Hugging Face model id or local model directory (default: the packaged "
              "sentence-transformers/all-MiniLM-L6-v2)")
-    add(g, "--dataset", metavar="NAME|PATH",
+    a("--dataset", metavar="NAME|PATH",
         help="sst2 (default), imdb, or a local CSV/TSV/JSONL/Parquet file or directory")
-    add(g, "--data-dir", metavar="DIR", help="where named data sets are looked for (default: data)")
-    add(g, "--text-column", metavar="COL[,COL2]",
-        help="text column of a local data set, a name or an index; two (a,b) for sentence pairs "
-             "(auto-detected, pairs included: sentence1/sentence2, #1 String/#2 String, ...)")
-    add(g, "--label-column", metavar="COL[,...]",
-        help="label column, a name or an index; several 0/1 columns (a,b,c) for multi-label (auto-detected)")
-    add(g, "--no-header", action="store_true", default=None,
-        help="the CSV/TSV files have no header row (detected when the first row looks like data)")
-    add(g, "--task", choices=("classification", "multi-label", "regression"),
-        help="task type (default: detected from the labels: lists = multi-label, real numbers = regression)")
-    add(g, "--metric", metavar="NAME",
-        help="metric that picks the best epoch, gates quantized variants and ranks the recommendation: "
-             "accuracy|f1|macro_f1|mcc, micro_f1|macro_f1|subset_accuracy (multi-label), pearson|spearman|"
-             "neg_mse (regression); default: GLUE convention per task, printed at start")
-    add(g, "--long-text", choices=("truncate", "head-tail", "chunk"),
-        help="texts longer than --max-length: truncate (default), head-tail (first quarter + last three "
-             "quarters of the tokens) or chunk (overlapping windows, logits averaged per text)")
-    add(g, "--stride", type=int, metavar="N", help="--long-text chunk: tokens shared by neighbouring windows "
-                                                    "(default: max-length // 4)")
-    add(g, "--output-dir", metavar="DIR", help="artifact root (default: saved_models)")
-    add(g, "--reports-dir", metavar="DIR", help="report directory (default: reports)")
-    add(g, "--max-length", type=int, metavar="N", help="max tokens per text (default: 128)")
-    add(g, "--batch-size", type=int, metavar="N", help="training batch size (default: 32)")
-    add(g, "--eval-batch-size", type=int, metavar="N", help="evaluation batch size (default: 128)")
-    add(g, "--epochs", type=int, metavar="N", help="training epochs (default: 2)")
-    add(g, "--max-train-samples", type=_optional_count, metavar="N|all",
+    a("--data-dir", metavar="DIR", help="where named data sets are looked for (default: {default})")
+    a("--text-column", metavar="COL[,COL2]",
+      help="text column of a local data set, a name or an index; two (a,b) for sentence pairs "
+           "(auto-detected, pairs included: sentence1/sentence2, #1 String/#2 String, ...)")
+    a("--label-column", metavar="COL[,...]",
+      help="label column, a name or an index; several 0/1 columns (a,b,c) for multi-label (auto-detected)")
+    a("--no-header", action="store_true", default=None,
+      help="the CSV/TSV files have no header row (detected when the first row looks like data)")
+    a("--task", choices=("classification", "multi-label", "regression"),
+      help="task type (default: detected from the labels: lists = multi-label, real numbers = regression)")
+    a("--metric", metavar="NAME",
+      help="metric that picks the best epoch, gates quantized variants and ranks the recommendation: "
+           "accuracy|f1|macro_f1|mcc, micro_f1|macro_f1|subset_accuracy (multi-label), pearson|spearman|"
+           "neg_mse (regression); default: GLUE convention per task, printed at start")
+    a("--long-text", choices=("truncate", "head-tail", "chunk"),
+      help="texts longer than --max-length: truncate (default), head-tail (first quarter + last three "
+           "quarters of the tokens) or chunk (overlapping windows, logits averaged per text)")
+    a("--stride", type=int, metavar="N", help="--long-text chunk: tokens shared by neighbouring windows "
+                                               "(default: max-length // 4)")
+    a("--output-dir", metavar="DIR", help="artifact root (default: {default})")
+    a("--reports-dir", metavar="DIR", help="report directory (default: {default})")
+    a("--max-length", type=int, metavar="N", help="max tokens per text (default: {default})")
+    a("--batch-size", type=int, metavar="N", help="training batch size (default: {default})")
+    a("--eval-batch-size", type=int, metavar="N", help="evaluation batch size (default: {default})")
+    a("--epochs", type=int, metavar="N", help="training epochs (default: {default})")
+    a("--max-train-samples", type=_optional_count, metavar="N|all",
         help="seeded, stratified training subset (default: all)")
-    add(g, "--max-eval-samples", type=_optional_count, metavar="N|all",
+    a("--max-eval-samples", type=_optional_count, metavar="N|all",
         help="seeded, stratified evaluation subset (default: all)")
-    add(g, "--seed", type=int, metavar="N", help="random seed (default: 42)")
-    add(g, "--device", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
-    add(g, "--num-workers", type=int, metavar="N", help="DataLoader workers (default: 0 on CPU, 2 on CUDA)")
-    add(g, "--pin-memory", type=_bool, metavar="BOOL", help="pin DataLoader memory (default: true on CUDA)")
-    add(g, "--force", action="store_true", default=None, help="re-run even if the output is up to date")
-    add(g, "--quiet", action="store_true", default=None, help="no progress bars or info logs")
+    a("--seed", type=int, metavar="N", help="random seed (default: {default})")
+    a("--device", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
+    a("--num-workers", type=int, metavar="N", help="DataLoader workers (default: 0 on CPU, 2 on CUDA)")
+    a("--pin-memory", type=_bool, metavar="BOOL", help="pin DataLoader memory (default: true on CUDA)")
+    a("--force", action="store_true", default=None, help="re-run even if the output is up to date")
+    a("--quiet", action="store_true", default=None, help="no progress bars or info logs")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training options")
-    add(g, "--lr", type=float, metavar="LR", help="peak learning rate (default: 1e-4)")
+    add(g, "--lr", type=float, metavar="LR",
+        help="peak learning rate (default: by model size, 1e-4 below 50M parameters, 3e-5 below 200M, "
+             "2e-5 above; printed at start)")
     add(g, "--weight-decay", type=float, metavar="W", help="AdamW weight decay (default: 0.01)")
     add(g, "--warmup-ratio", type=float, metavar="R", help="linear warm-up share of steps (default: 0.06)")
     add(g, "--max-grad-norm", type=float, metavar="N", help="gradient clipping norm, 0 = off (default: 1.0)")
@@ -122,6 +182,19 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="freeze the embeddings and the lowest N encoder layers (default: 0)")
     add(g, "--log-every", type=int, metavar="N", help="record the loss every N steps (default: 20)")
     add(g, "--grad-accum-steps", type=int, metavar="N", help="gradient accumulation steps (default: 1)")
+    add(g, "--eval-every", type=int, metavar="N",
+        help="also evaluate every N optimizer steps; the best evaluation's weights are kept (default: 0 = "
+             "after each epoch only)")
+    add(g, "--early-stopping-patience", type=int, metavar="P",
+        help="stop after P evaluations without a better eval accuracy (default: 0 = off)")
+    add(g, "--save-every", type=int, metavar="N",
+        help="also checkpoint every N optimizer steps (always at each epoch end; default: 0)")
+    add(g, "--save-total-limit", type=int, metavar="K", help="checkpoints kept (the last K; default: 2)")
+    add(g, "--resume", action="store_true", default=None,
+        help="continue from the stage's newest checkpoint and fail if there is none or its config differs "
+             "(without the flag a matching checkpoint is resumed automatically)")
+    add(g, "--report-to", choices=("none", "tensorboard"),
+        help="also write live curves for TensorBoard to <stage dir>/tensorboard (default: none)")
     add(g, "--class-weights", metavar="auto|none|W1,W2,...",
         help="cross-entropy class weights: auto = inverse class frequency, none (default), or one per class")
     add(g, "--threshold", type=float, metavar="T",
@@ -143,7 +216,7 @@ def load_config_file(path: str) -> dict:
             data = json.loads(text)
     except Exception as exc:  # parse errors of either format
         raise ConfigError(f"--config {path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
-                          f"({str(exc).splitlines()[0]})") from None
+                          f"({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -202,9 +275,7 @@ def stage_main(stage: str, description: str, config_cls, add_args: Callable, run
                argv=None, epilog: str | None = None, build: Callable | None = None,
                distributed_ok: bool = False) -> int:
     """The whole body of a stage script's main(): parse, configure logging, run, summarize."""
-    parser = argparse.ArgumentParser(prog=f"{stage}.py",
-                                     description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(f"{stage}.py", description, epilog)
     add_args(parser)
     try:
         if not distributed_ok:  # only the training stages are data-parallel under torchrun

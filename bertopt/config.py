@@ -99,7 +99,10 @@ class CommonConfig:
 
 
 # fields that do not change what a stage produces (excluded from the skip fingerprint)
-NON_RESULT_FIELDS = {"force", "quiet", "output_dir", "reports_dir", "num_workers", "pin_memory"}
+NON_RESULT_FIELDS = {"force", "quiet", "output_dir", "reports_dir", "num_workers", "pin_memory",
+                     # checkpointing and live curves: a resumed run ends with the same weights
+                     "save_every", "save_total_limit", "resume", "report_to"}
+REPORT_TO = ("none", "tensorboard")
 # task options added later: left out of the fingerprint at their defaults, so existing stage
 # directories of single-text runs stay current
 TASK_DEFAULTS = {"no_header": False, "task": None, "metric": None, "long_text": "truncate", "stride": None,
@@ -115,7 +118,7 @@ def result_config(cfg) -> dict:
 class TrainConfig(CommonConfig):
     """Fine-tuning (benchmark.py, mixed_precision.py)."""
 
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None = chosen from the model's size (modeling.default_lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -123,12 +126,18 @@ class TrainConfig(CommonConfig):
     precision: str = "fp32"
     log_every: int = 20
     grad_accum_steps: int = 1
+    eval_every: int = 0               # 0 = evaluate after each epoch only
+    early_stopping_patience: int = 0  # 0 = off
+    save_every: int = 0               # 0 = checkpoint at each epoch end only
+    save_total_limit: int = 2
+    resume: bool = False              # True = a matching checkpoint must exist
+    report_to: str = "none"
     class_weights: str = "none"  # none | auto | w1,w2,...
     threshold: Optional[float] = None  # multi-label decision threshold; None = tuned on eval
 
     def problems(self) -> list[str]:
         p = super().problems()
-        if not (self.lr > 0):
+        if self.lr is not None and not (self.lr > 0):
             p.append(f"--lr must be > 0 (got {self.lr})")
         if self.weight_decay < 0:
             p.append(f"--weight-decay must be >= 0 (got {self.weight_decay})")
@@ -144,6 +153,16 @@ class TrainConfig(CommonConfig):
             p.append(f"--log-every must be >= 1 (got {self.log_every})")
         if self.grad_accum_steps < 1:
             p.append(f"--grad-accum-steps must be >= 1 (got {self.grad_accum_steps})")
+        for name in ("eval_every", "early_stopping_patience", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                p.append(f"{flag(name)} must be an integer >= 0 (0 = off; got {value!r})")
+        if not isinstance(self.save_total_limit, int) or self.save_total_limit < 1:
+            p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit!r})")
+        if self.report_to not in REPORT_TO:
+            p.append(f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
+        if self.resume and self.force:
+            p.append("--resume continues a checkpoint and --force starts afresh: give only one")
         if class_weight_values(self.class_weights) is False:
             p.append(f"--class-weights must be auto, none or positive numbers w1,w2,... (got {self.class_weights!r})")
         if self.threshold is not None and not (0 < self.threshold < 1):

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from . import tasks
-from .errors import DataError
+from .errors import DataError, first_line
 
 log = logging.getLogger("bertopt.data")
 
@@ -116,7 +116,7 @@ def read_table(path: Path, no_header: bool = False):
     except DataError:
         raise
     except (UnicodeDecodeError, ValueError, OSError, Exception) as exc:  # pandas/pyarrow raise many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot read {path}: {first}") from None
     if df.shape[1] == 0:
         raise DataError(f"{path} has no columns (is it empty?)")
@@ -240,7 +240,7 @@ def _load_hub(name: str) -> tuple[dict, str]:
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(repo, subset) if subset else datasets.load_dataset(repo)
     except Exception as exc:  # offline, hub errors, missing package
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         env = os.environ.get("BERTOPT_DATA_DIR")
         raise DataError(
             f"data set {name!r} not found locally and the hub is unreachable ({first}). "
@@ -445,9 +445,12 @@ class LengthGroupedBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``'s batch order; ``start`` skips its first batches (a resumed run)."""
         self.epoch = epoch
+        self.start = start
 
     def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -469,7 +472,7 @@ class LengthGroupedBatchSampler:
         if self.num_replicas > 1:
             usable = len(batches) - len(batches) % self.num_replicas
             batches = batches[self.rank:usable:self.num_replicas]
-        return iter(batches)
+        return iter(batches[self.start:])
 
     def __len__(self) -> int:
         n = math.ceil(len(self.lengths) / self.batch_size)

@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import BackendUnavailable, ConfigError, PipelineError
+from .errors import first_line as _first_line
 
 log = logging.getLogger("bertopt.distributed")
 
@@ -188,11 +189,6 @@ def teardown() -> None:
 
 
 # ----------------------------------------------------------------------------- failures
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _is_collective_error(exc: BaseException) -> bool:
     import torch.distributed as dist
 

@@ -1,6 +1,16 @@
 """User-fixable errors. Scripts print them as one line and exit 1; anything else is a bug."""
 
 
+FIRST_LINE_LIMIT = 300
+
+
+def first_line(exc: BaseException, limit: int = FIRST_LINE_LIMIT) -> str:
+    """The first line of an exception's message (cut to ``limit``), or its type name when empty:
+    what a one-line error quotes from a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class PipelineError(Exception):
     """Something the user can fix: the message says what is wrong and how to fix it."""
 

@@ -4,7 +4,8 @@ Every conversion here is a plain function ``src file -> dst file`` that returns 
 manifest; the stage (:mod:`bertopt.onnx_stage`) decides what to build and checks each result
 against PyTorch with :func:`compare_logits`.
 
-Variants (file names are part of the contract read by compare.py and the AWS deploy):
+Variants (file names are registered in :mod:`bertopt.variants`, the contract compare.py and the AWS
+deploy read):
 
 ========  ===================  =========  ===========================================================
 variant   file                 precision  how
@@ -30,20 +31,14 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import ModelError, PipelineError
+from . import variants as _variants
+from .errors import ModelError, PipelineError, first_line
 
 log = logging.getLogger("bertopt.export")
 
-# variant -> (file, precision, devices it is meant for besides the CPU check)
-VARIANTS = {
-    "fp32": ("model.onnx", "fp32", ("cpu", "cuda")),
-    "opt": ("model.opt.onnx", "fp32", ("cpu", "cuda")),
-    "int8": ("model.int8.onnx", "int8", ("cpu",)),  # DynamicQuantizeMatMul/QAttention: CPU kernels only
-    "int4": ("model.int4.onnx", "int4", ("cpu", "cuda")),
-    "fp16": ("model.fp16.onnx", "fp16", ("cpu", "cuda")),
-    "qdq": ("model.qdq.onnx", "int8", ("cpu", "cuda")),
-}
-FP32_VARIANTS = ("fp32", "opt")
+# variant key -> (file, precision, devices): a view of the ONNX Runtime entries of the registry
+VARIANTS = {s.key: (s.file, s.precision, s.devices) for s in _variants.for_stage("onnx", "onnxruntime")}
+FP32_VARIANTS = tuple(s.key for s in _variants.for_stage("onnx") if s.fp32_parity)
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 # operators kept in fp32 by the fp16 conversion: normalization, softmax and the reductions /
@@ -56,14 +51,22 @@ class ExportError(PipelineError):
     """A conversion produced no usable model (the message says which and why)."""
 
 
+class VariantUnavailable(ExportError):
+    """This variant cannot be built for this architecture (recorded ``skipped`` with the reason)."""
+
+
+class NoAttentionFused(ExportError):
+    """The transformer optimizer fused no attention in the graph."""
+
+
 # ----------------------------------------------------------------------------- helpers
 def file_size(path: str | os.PathLike) -> int:
-    return Path(path).stat().st_size
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:300] if text else type(exc).__name__)
+    """Bytes on disk; an OpenVINO IR (.xml) counts its weights file (.bin) too."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
 
 
 def load_onnx(path: str | os.PathLike):
@@ -76,7 +79,7 @@ def load_onnx(path: str | os.PathLike):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # google.protobuf DecodeError, OSError, ...
-        raise ModelError(f"{path} is not a readable ONNX model ({_first_line(exc)}); the file is corrupt or "
+        raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)}); the file is corrupt or "
                          "truncated: re-create it with `python onnx_tensorrt.py --force`") from None
     if not model.graph.node:
         raise ModelError(f"{path} holds an empty ONNX graph; the file is corrupt or truncated: re-create it "
@@ -96,7 +99,7 @@ def quiet_quantizer_logs():
     """ONNX Runtime's quantization tools log through the root logger and their own INFO handlers;
     keep our console readable (warnings that matter are turned into our own messages)."""
     names = ["", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
-             "onnxruntime.transformers", "onnx_model", "fusion_base", "onnx_model_bert"]
+             "onnxruntime.transformers", "onnx_model", "fusion_base", "onnx_model_bert", "nncf"]
     saved = {n: logging.getLogger(n).level for n in names}
     try:
         for n in names:
@@ -180,10 +183,6 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, opset
 
 
 # ----------------------------------------------------------------------------- ORT fusion
-FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
-             "LayerNormalization", "BiasGelu", "Gelu", "FastGelu")
-
-
 def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hidden_size: int,
              model_type: str = "bert", require_attention: bool = True) -> dict:
     """Offline graph fusion with onnxruntime.transformers.optimizer (no ORT runtime level: the
@@ -196,7 +195,7 @@ def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hid
                                        hidden_size=hidden_size, opt_level=0)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     if require_attention and not stats.get("Attention", 0) and not stats.get("MultiHeadAttention", 0):
-        raise ExportError(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
+        raise NoAttentionFused(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
                           f"(fusions: {stats or 'none'}); the graph was probably exported with SDPA attention "
                           "or the architecture is not BERT-like, so model.opt.onnx would be no faster")
     opt.save_model_to_file(str(dst), use_external_data_format=False)
@@ -383,17 +382,18 @@ def parity_shapes(max_length: int) -> list[tuple[int, int]]:
 
 
 def random_batches(input_names: Sequence[str], shapes: Sequence[tuple[int, int]], vocab_size: int,
-                   seed: int = 0, cls_id: int = 101, sep_id: int = 102) -> list[dict[str, np.ndarray]]:
-    """Seeded random token batches, varied padding per row (the first row is never padded)."""
+                   seed: int = 0, cls_id: int = 101, sep_id: int = 102, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded random token batches, varied padding per row (the first row is never padded), padded
+    with the tokenizer's ``pad_id`` (RoBERTa-style models derive positions from it)."""
     rng = np.random.default_rng(seed)
     out = []
     for batch, seq in shapes:
-        ids = rng.integers(min(999, vocab_size - 1), vocab_size, size=(batch, seq), dtype=np.int64)
+        ids = rng.integers(min(999, vocab_size // 2), vocab_size, size=(batch, seq), dtype=np.int64)
         mask = np.ones((batch, seq), dtype=np.int64)
         for i in range(1, batch):
             mask[i, int(rng.integers(1, seq + 1)):] = 0
         ids[:, 0] = cls_id if cls_id < vocab_size else 1
-        ids[mask == 0] = 0
+        ids[mask == 0] = pad_id
         full = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         out.append({k: full[k] for k in input_names})
     return out
@@ -412,7 +412,33 @@ def compare_logits(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
             "rows": int(len(ref))}
 
 
-def merge_parity(*parts: dict) -> dict:
-    rows = sum(p["rows"] for p in parts)
-    agree = sum(p["argmax_agreement"] * p["rows"] for p in parts) / max(rows, 1)
-    return {"max_abs_diff": max(p["max_abs_diff"] for p in parts), "argmax_agreement": agree, "rows": rows}
+
+# ----------------------------------------------------------------------------- OpenVINO (optional)
+def quantize_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: Sequence[dict]) -> dict:
+    """INT8 post-training quantization with NNCF (OpenVINO backend): read the FP32 ONNX graph
+    into OpenVINO, calibrate activations on ``feeds`` (the same seeded training batches as the QDQ
+    variant), save OpenVINO IR ``dst`` (.xml + .bin). ``model_type=TRANSFORMER`` keeps the
+    softmax/layer-norm paths in float, as NNCF recommends for BERT-family models."""
+    import nncf
+    import openvino as ov
+
+    start = time.perf_counter()
+    load_onnx(src)  # a clear error on a bad input
+    model = ov.Core().read_model(str(src))
+    names = [i.get_any_name() for i in model.inputs]
+    dataset = nncf.Dataset(list(feeds), lambda b: {n: b[n] for n in names})
+    with quiet_quantizer_logs():
+        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
+    return {"method": "nncf post-training quantization (OpenVINO backend, ModelType.TRANSFORMER)",
+            "calibration_batches": len(feeds), "nncf": _dist_version("nncf"), "openvino": ov.__version__,
+            "quantize_s": round(time.perf_counter() - start, 2)}
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

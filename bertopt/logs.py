@@ -139,6 +139,3 @@ def progress(iterable=None, **kwargs):
         return bar
     return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
 
-
-def is_quiet() -> bool:
-    return _state["quiet"]

@@ -6,11 +6,13 @@ positive class) for an imbalanced binary pair task (MRPC-like), Matthews correla
 imbalanced binary single-text task (CoLA-like), accuracy otherwise (SST-2, K-class)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 
 from . import tasks
+from .tasks import aggregate  # noqa: F401  (chunk windows -> texts; used here and by callers)
 from .errors import ConfigError
 
 METRICS = {tasks.CLASSIFICATION: ("accuracy", "f1", "macro_f1", "mcc"),
@@ -48,21 +50,6 @@ def resolve_metric(requested: Optional[str], task: str, train_labels, num_labels
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def aggregate(logits: np.ndarray, owners: Optional[Sequence[int]], task: str) -> np.ndarray:
-    """One row per text from chunk windows' logits: mean, or max for multi-label."""
-    if owners is None:
-        return logits
-    owners = np.asarray(owners)
-    n = int(owners.max()) + 1
-    out = np.zeros((n, logits.shape[1]), dtype=np.float64)
-    if task == tasks.MULTI_LABEL:
-        out[:] = -np.inf
-        np.maximum.at(out, owners, logits)
-        return out
-    np.add.at(out, owners, logits)
-    return out / np.bincount(owners, minlength=n)[:, None]
 
 
 def classification(y_true, logits, label_names) -> dict:
@@ -125,3 +112,60 @@ def compute(task: str, y_true, logits, label_names, threshold: Optional[float] =
     if task == tasks.MULTI_LABEL:
         return multi_label(y_true, logits, label_names, threshold)
     return classification(y_true, logits, label_names)
+
+
+def score_all(spec, logits: np.ndarray, labels: np.ndarray, owners: Optional[Sequence[int]] = None) -> dict:
+    """Every metric of ``spec.task`` for logits in dataset order (chunk windows, named by ``owners``,
+    aggregated per text; a text's label is its first window's)."""
+    per_text = aggregate(np.asarray(logits), owners, spec.task)
+    y = np.asarray(labels)
+    if owners is not None:
+        first = {}
+        for w, o in enumerate(owners):
+            first.setdefault(int(o), w)
+        y = y[[first[o] for o in range(len(first))]]
+    return compute(spec.task, y, per_text, spec.label_names, spec.threshold)
+
+
+def score(spec, logits: np.ndarray, labels: np.ndarray, owners: Optional[Sequence[int]] = None) -> float:
+    """The selected metric (``spec.metric``); a plain spec (or None) is argmax accuracy, as always."""
+    if spec is None or (spec.plain and owners is None):
+        preds = np.asarray(logits).argmax(-1)
+        return float((preds == np.asarray(labels)).mean()) if len(labels) else float("nan")
+    return float(score_all(spec, logits, labels, owners)[spec.metric])
+
+
+def _collect(model, loader, device, plan, desc):
+    """Logits, labels and dataset indices of a whole loader (CPU tensors)."""
+    import torch
+
+    from .logs import progress
+    from .training import _to_device
+
+    model.eval()
+    logits, labels, index = [], [], []
+    ctx = plan.autocast if plan else contextlib.nullcontext
+    with torch.inference_mode():
+        for batch in progress(loader, desc=desc, unit="batch"):
+            with ctx():
+                logits.append(model(**_to_device(batch, device, non_blocking=True)).logits.float().cpu())
+            labels.append(batch["labels"])
+            index.append(batch["index"])
+    return torch.cat(logits), torch.cat(labels), torch.cat(index)
+
+
+def evaluate_task(model, loader, device, spec, plan=None, desc: str = "eval") -> dict:
+    """The task's metrics over a loader (chunk windows aggregated per text); ``metric`` holds the
+    selected one. Keys ``accuracy``/``loss``/``n``/``predictions`` as :func:`evaluate`."""
+    import torch
+
+    logits, labels, index = _collect(model, loader, device, plan, desc)
+    order = torch.argsort(index)
+    logits, labels = logits[order], labels[order]
+    loss_fn = tasks.task_loss(spec) or (lambda lg, y, inputs=None: torch.nn.functional.cross_entropy(lg, y))
+    loss = float(loss_fn(logits, labels)) if len(labels) else float("nan")
+    owners = getattr(loader.dataset, "owners", None)
+    out = score_all(spec, logits.numpy(), labels.numpy(), owners)
+    out.update(loss=loss, n=len(set(owners)) if owners is not None else int(len(labels)), metric=out[spec.metric], metric_name=spec.metric)
+    out.setdefault("accuracy", out.get("subset_accuracy"))  # multi-label: exact match; regression: None
+    return out

@@ -1,4 +1,6 @@
-"""Model and tokenizer loading, encoder-layer access and partial freezing."""
+"""Model and tokenizer loading, the checks that a model is a usable encoder classifier, partial
+freezing and the size-based default learning rate. Architecture facts come from
+:mod:`bertopt.families`."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from . import families
 from .config import DEFAULT_MODEL
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger("bertopt.modeling")
 
@@ -35,7 +38,7 @@ def resolve_model(model: str) -> str:
 
 
 def _load_error(model: str, exc: Exception) -> ModelError:
-    first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     return ModelError(f"cannot load model {model!r}: {first} (give a local model directory or a "
                       "reachable Hugging Face model id with --model)")
 
@@ -51,11 +54,49 @@ def load_tokenizer(model: str):
         raise _load_error(model, exc) from None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_encoder(config, model: str) -> None:
+    """ModelError for configs bertopt cannot fine-tune as a classifier: decoder-only (GPT-2-like)
+    and encoder-decoder (T5/BART-like) models. AutoModelForSequenceClassification would load some
+    of them (GPT2ForSequenceClassification), and they would fail later, in export or pruning."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"model {model}: {kind} is an encoder-decoder (seq2seq) model; bertopt fine-tunes "
+                         "encoder-only classifiers (BERT, RoBERTa, DeBERTa, ModernBERT, ...)")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ModelError(f"model {model}: {kind} is a decoder-only (causal language) model; bertopt "
+                         "fine-tunes encoder-only classifiers (BERT, RoBERTa, DeBERTa, ModernBERT, ...)")
+
+
+def check_weights(path: str, model: str) -> None:
+    """A local model directory must hold weights, not only a config."""
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in WEIGHT_FILES):
+        raise ModelError(f"model {model}: {local} has a config.json but no weights "
+                         f"({' or '.join(WEIGHT_FILES[::2])}); save the model with save_pretrained")
+
+
+def check_head(config, num_labels: int, model: str, label_names=None) -> None:
+    """A checkpoint that already has a trained classification head must match the data's labels
+    (a base model without a head gets a new one of the right size)."""
+    trained_head = any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or ()))
+    if trained_head and int(config.num_labels) != int(num_labels):
+        names = f" ({', '.join(map(str, label_names))})" if label_names else ""
+        raise ModelError(f"model {model} has a trained {config.num_labels}-label classification head but the "
+                         f"data has {num_labels} labels{names}; fine-tune its base model or use matching data")
+
+
 def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
                attn_implementation: Optional[str] = None, problem_type: Optional[str] = None):
     """AutoModelForSequenceClassification; a new head is sized to ``num_labels``; ``problem_type``
     (transformers' name: single_label_classification, multi_label_classification, regression)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = {"problem_type": problem_type} if problem_type else {}
     if num_labels is not None:
@@ -66,8 +107,17 @@ def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    path = resolve_model(model)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(resolve_model(model), **kwargs)
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise _load_error(model, exc) from None
+    check_encoder(config, model)
+    check_weights(path, model)
+    if num_labels is not None:
+        check_head(config, num_labels, model, label_names)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ModelError:
         raise
     except Exception as exc:
@@ -75,8 +125,7 @@ def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
 
 
 def max_positions(model_or_config) -> int:
-    config = getattr(model_or_config, "config", model_or_config)
-    return int(getattr(config, "max_position_embeddings", 512))
+    return families.max_positions(model_or_config)
 
 
 def check_max_length(max_length: int, model) -> None:
@@ -86,15 +135,8 @@ def check_max_length(max_length: int, model) -> None:
 
 
 def encoder_layers(model):
-    """The nn.ModuleList of transformer blocks of a BERT-family classifier."""
-    base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None) if encoder is not None else None
-    if layers is None:
-        layers = getattr(getattr(base, "transformer", None), "layer", None)  # DistilBERT
-    if layers is None:
-        raise ModelError(f"{type(model).__name__}: cannot find the encoder layers (not a BERT-family model?)")
-    return layers
+    """The nn.ModuleList of transformer blocks (see :func:`bertopt.families.encoder_layers`)."""
+    return families.encoder_layers(model)
 
 
 def embeddings(model):
@@ -103,16 +145,25 @@ def embeddings(model):
 
 
 def freeze_layers(model, n: int) -> dict:
-    """Freeze the embeddings and the lowest ``n`` encoder layers; returns parameter counts."""
-    layers = encoder_layers(model)
-    if n > len(layers):
-        raise ConfigError(f"--freeze-layers {n} exceeds the model's {len(layers)} encoder layers")
-    if n > 0:
-        for p in embeddings(model).parameters():
+    """Freeze the embeddings and the lowest ``n`` encoder layers; returns parameter counts. The
+    layers are looked up only when ``n`` > 0. Where every layer shares one set of weights (ALBERT)
+    only ``n`` = all layers is meaningful (embeddings + the shared layer frozen, the head trains)."""
+    if n <= 0:
+        return param_counts(model)
+    total = families.depth(model)
+    if n > total:
+        raise ConfigError(f"--freeze-layers {n} exceeds the model's {total} encoder layers")
+    if families.shares_layers(model):
+        if n != total:
+            raise ConfigError(f"--freeze-layers {n}: {families.family(model).name} repeats one shared layer "
+                              f"{total} times, so freezing the lowest {n} would freeze all of them; use "
+                              f"--freeze-layers 0 or {total} (only the classifier head trains)")
+        frozen = [embeddings(model), getattr(model, "base_model", model).encoder]
+    else:
+        frozen = [embeddings(model)] + list(encoder_layers(model))[:n]
+    for module in frozen:
+        for p in module.parameters():
             p.requires_grad_(False)
-        for layer in list(layers)[:n]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
     return param_counts(model)
 
 
@@ -122,6 +173,34 @@ def param_counts(model) -> dict:
     return {"parameters": total, "trainable_parameters": trainable}
 
 
-def uses_token_type_ids(model) -> bool:
-    return getattr(model.config, "type_vocab_size", 0) > 0 and model.config.model_type not in (
-        "distilbert", "roberta", "xlm-roberta")
+def uses_token_type_ids(model_or_config) -> bool:
+    return families.takes_token_type_ids(model_or_config)
+
+
+# (upper parameter bound, learning rate, what it suits): small distilled encoders (MiniLM) take
+# 1e-4; base encoders the usual 2e-5..5e-5 (BERT/RoBERTa papers); large ones the low end
+DEFAULT_LRS = ((50_000_000, 1e-4, "small (< 50M parameters) encoders such as MiniLM"),
+               (200_000_000, 3e-5, "base-size (50M-200M parameters) encoders"),
+               (None, 2e-5, "large (>= 200M parameters) encoders"))
+
+
+def default_lr(parameters: int) -> tuple[float, str]:
+    """The default fine-tuning learning rate for a model of ``parameters`` weights, and why."""
+    for bound, lr, why in DEFAULT_LRS:
+        if bound is None or parameters < bound:
+            return lr, f"default for {why}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def resolve_lr(cfg, model):
+    """``cfg`` with its learning rate chosen from the model's size unless ``--lr`` was given;
+    logs the choice either way."""
+    from dataclasses import replace
+
+    if cfg.lr is not None:
+        log.info("learning rate %g (--lr)", cfg.lr)
+        return cfg
+    n = param_counts(model)["parameters"]
+    lr, why = default_lr(n)
+    log.info("learning rate %g (%s; this model has %.1fM; --lr overrides)", lr, why, n / 1e6)
+    return replace(cfg, lr=lr)

@@ -1,6 +1,8 @@
-"""The onnx_tensorrt stage: export every trained model to ONNX, build the ONNX Runtime variants,
-check each against PyTorch (optimum-style ✓/x lines), measure accuracy, and build TensorRT
-engines where an NVIDIA GPU and TensorRT are present (a 'skipped' manifest elsewhere).
+"""The onnx_tensorrt stage: export every trained model to ONNX, build every ONNX-stage variant of
+the registry (:mod:`bertopt.variants`: ONNX Runtime fused/INT8/INT4/FP16/QDQ and OpenVINO FP32/INT8,
+each with its registered converter; a backend that is not installed is 'skipped' with the reason),
+check each against PyTorch (optimum-style ✓/x lines) and measure accuracy; then the TensorRT
+sub-stage (:mod:`bertopt.tensorrt_stage`) where an NVIDIA GPU and TensorRT are present.
 
 Output per source model (``baseline``, ``mixed_precision``, ``pruned`` or ``--source DIR``):
 ``<output_dir>/onnx/<source>/`` (model*.onnx, tokenizer, config.json, manifest.json) and
@@ -14,23 +16,22 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from . import artifacts
+from . import artifacts, families, modeling, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
-from .errors import ConfigError, PipelineError
-from .logs import progress, stage_logging
+from .errors import ConfigError, PipelineError, first_line
+from .logs import stage_logging
+from .reference import Reference, accuracy
+from .tensorrt_stage import tensorrt_source
 
 log = logging.getLogger("bertopt.onnx_stage")
 
 STAGE = "onnx_tensorrt"
-OPTIONAL_VARIANTS = ("opt", "int8", "int4", "fp16", "qdq")
+OPTIONAL_VARIANTS = tuple(k for k in variants.onnx_keys(("onnxruntime", "openvino")) if k != "fp32")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QDQ_EXCLUDES = ("ffn-output", "none")
 MAX_TORCHSCRIPT_OPSET = 20  # the dynamo=False exporter's newest opset
@@ -44,7 +45,7 @@ class OnnxConfig(CommonConfig):
     source: Optional[str] = None  # comma list of stage names or model directories; None = every trained stage
     opset: int = 17
     variants: str = ",".join(OPTIONAL_VARIANTS)
-    accuracy_budget: float = 0.01
+    onnx_accuracy_budget: float = 0.01  # --onnx-accuracy-budget (compare's --accuracy-budget is another)
     parity_tolerance: float = 1e-4
     int8_per_channel: bool = True
     int8_reduce_range: Optional[bool] = None  # None = auto (True only on x86 without VNNI)
@@ -76,8 +77,9 @@ class OnnxConfig(CommonConfig):
         if unknown:
             p.append(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(OPTIONAL_VARIANTS)}; "
                      "fp32 is always built)")
-        if not (0 <= self.accuracy_budget < 1):
-            p.append(f"--accuracy-budget is an absolute accuracy loss in [0, 1), e.g. 0.01 (got {self.accuracy_budget})")
+        if not (0 <= self.onnx_accuracy_budget < 1):
+            p.append(f"--onnx-accuracy-budget is an absolute accuracy loss in [0, 1), e.g. 0.01 "
+                     f"(got {self.onnx_accuracy_budget})")
         if not (self.parity_tolerance > 0):
             p.append(f"--parity-tolerance must be > 0 (got {self.parity_tolerance})")
         b = self.int4_block_size
@@ -109,10 +111,6 @@ def options_dict(cfg: OnnxConfig) -> dict:
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     skip = {"source", "ort_threads"} | {f for f in vars(cfg) if f.startswith("trt_")}
     return {k: v for k, v in cfg.to_dict().items() if k not in common and k not in skip}
-
-
-def trt_options(cfg: OnnxConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k.startswith("trt_")}
 
 
 # ----------------------------------------------------------------------------- sources
@@ -172,116 +170,6 @@ def resolve_sources(cfg: OnnxConfig) -> list[Source]:
     return sources
 
 
-# ----------------------------------------------------------------------------- reference data
-class Reference:
-    """The PyTorch FP32 source, its eval split and calibration sample, built lazily once."""
-
-    def __init__(self, cfg: OnnxConfig, source: Source):
-        self.cfg = cfg
-        self.source = source
-        self.data_cfg = dict(cfg.to_dict(), **(source.manifest or {}).get("config", {}))
-
-    @cached_property
-    def tokenizer(self):
-        from . import modeling
-
-        return modeling.load_tokenizer(str(self.source.model_dir))
-
-    @cached_property
-    def model(self):
-        from . import modeling
-
-        return modeling.load_model(str(self.source.model_dir), attn_implementation="eager").eval()
-
-    @cached_property
-    def max_length(self) -> int:
-        from . import modeling
-
-        return min(int(self.data_cfg.get("max_length") or self.cfg.max_length), modeling.max_positions(self.model))
-
-    @cached_property
-    def input_names(self) -> tuple[str, ...]:
-        return ex.input_names_for(self.model)
-
-    @cached_property
-    def torch(self):
-        from .runtimes import TorchPredictor
-
-        return TorchPredictor(self.model, name="torch-fp32", device="cpu")
-
-    @cached_property
-    def splits(self):
-        from . import data
-
-        d = self.data_cfg
-        return data.load_splits(d.get("dataset", self.cfg.dataset), d.get("data_dir", self.cfg.data_dir),
-                                d.get("text_column"), d.get("label_column"), d.get("max_train_samples"),
-                                d.get("max_eval_samples"), int(d.get("seed", self.cfg.seed)))
-
-    def _batches(self, texts, batch_size: int) -> tuple[list[dict], np.ndarray]:
-        """Length-sorted, dynamically padded batches and the row order they hold."""
-        from . import data
-
-        ids = data.tokenize(texts, self.tokenizer, self.max_length)
-        order = np.argsort([-len(s) for s in ids], kind="stable")
-        pad = self.tokenizer.pad_token_id or 0
-        with_tt = "token_type_ids" in self.input_names
-        batches = [data.pad_batch([ids[i] for i in order[s:s + batch_size]], pad, with_tt)
-                   for s in range(0, len(order), batch_size)]
-        return batches, order
-
-    @cached_property
-    def eval_set(self) -> tuple[list[dict], np.ndarray]:
-        batches, order = self._batches(self.splits.eval.texts, self.cfg.eval_batch_size)
-        return batches, np.asarray(self.splits.eval.labels)[order]
-
-    @cached_property
-    def shape_batches(self) -> list[dict]:
-        shapes = ex.parity_shapes(self.max_length)
-        cls = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else 101
-        return ex.random_batches(self.input_names, shapes, int(self.model.config.vocab_size), seed=self.cfg.seed,
-                                 cls_id=cls)
-
-    def logits(self, predictor, batches, desc: str) -> list[np.ndarray]:
-        loop = progress(batches, desc=desc, unit="batch") if len(batches) >= 20 else batches  # no bar for a few
-        return [predictor.predict_logits(b) for b in loop]
-
-    @cached_property
-    def torch_shape_logits(self):
-        return self.logits(self.torch, self.shape_batches, "torch shapes")
-
-    @cached_property
-    def torch_eval_logits(self):
-        return self.logits(self.torch, self.eval_set[0], "torch eval")
-
-    @cached_property
-    def torch_accuracy(self) -> float:
-        return accuracy(self.torch_eval_logits, self.eval_set[1])
-
-    def calibration_feeds(self, n: int, batch_size: int = 32, fixed_shape: bool = False) -> list[dict]:
-        """A seeded sample of training sentences, as length-grouped batches; ``fixed_shape`` pads
-        every batch to one width and drops a short last batch (histogram calibrators stack them)."""
-        from . import data
-
-        train = self.splits.train
-        rng = np.random.default_rng(int(self.data_cfg.get("seed", self.cfg.seed)))
-        idx = rng.choice(len(train), size=min(n, len(train)), replace=False)
-        texts = [train.texts[i] for i in sorted(idx)]
-        if not fixed_shape:
-            return self._batches(texts, batch_size)[0]
-        ids = data.tokenize(texts, self.tokenizer, self.max_length)
-        width = max(len(s) for s in ids)
-        with_tt = "token_type_ids" in self.input_names
-        usable = len(ids) - len(ids) % batch_size if len(ids) >= batch_size else len(ids)
-        return [data.pad_batch(ids[s:s + batch_size], self.tokenizer.pad_token_id or 0, with_tt, pad_to=width)
-                for s in range(0, usable, batch_size)]
-
-
-def accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float:
-    preds = np.concatenate(logits).argmax(-1)
-    return float((preds == labels).mean()) if len(labels) else float("nan")
-
-
 # ----------------------------------------------------------------------------- variants
 def _fmt_line(name: str, info: dict) -> str:
     ok = info["status"] == "ok"
@@ -291,7 +179,7 @@ def _fmt_line(name: str, info: dict) -> str:
     if par:
         parts.append(f"max|Δlogits| {par['max_abs_diff']:.2e}  argmax {par['argmax_agreement'] * 100:6.2f}%")
     if info.get("accuracy") is not None:
-        parts.append(f"acc {info['accuracy']:.4f} ({info['accuracy_delta'] * 100:+.2f} pt)")
+        parts.append(f"{info.get('metric', 'acc')} {info['accuracy']:.4f} ({info['accuracy_delta'] * 100:+.2f} pt)")
     if info.get("size_bytes"):
         parts.append(f"{info['size_bytes'] / 2**20:6.1f} MB ({info.get('size_pct_of_fp32', 100):.1f}%)")
     if not ok:
@@ -303,18 +191,18 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
                      facts: dict) -> dict:
     """Parity (shapes + eval split) and accuracy of one built variant; decides its status."""
     from .errors import ModelError
-    from .runtimes import OrtPredictor
+    from .runtimes import open_predictor
 
-    file, precision, devices = ex.VARIANTS[name]
-    path = out_dir / file
-    info = {"file": file, "precision": precision, "status": "ok", "reason": None,
-            "size_bytes": ex.file_size(path), "devices": [d for d in devices if d != "cpu"],
+    spec = variants.by_key("onnx", name)
+    path = out_dir / spec.file
+    info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
+            "reason": None, "size_bytes": ex.file_size(path), "devices": [d for d in spec.devices if d != "cpu"],
             "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
     info["size_pct_of_fp32"] = round(100.0 * info["size_bytes"] / fp32_size, 2)
     try:
-        pred = OrtPredictor(path, name=f"ort-{name}", intra_op_threads=cfg.ort_threads, precision=precision)
+        pred = open_predictor(spec, path, device="cpu", threads=cfg.ort_threads)
     except ModelError as exc:
-        if name in ex.FP32_VARIANTS:
+        if spec.fp32_parity:
             raise
         info["reason"] = f"not runnable on this CPU, accuracy not measured ({exc})"
         return info
@@ -328,50 +216,95 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
                                  "argmax_agreement": shapes["argmax_agreement"],
                                  "batches": ["%dx%d" % b["input_ids"].shape for b in ref.shape_batches]},
                       "eval": on_eval}
-    info["accuracy"] = accuracy(eval_logits, ref.eval_set[1])
+    info["accuracy"] = ref.score(eval_logits)  # the task metric (accuracy for a plain classifier)
     info["accuracy_delta"] = info["accuracy"] - ref.torch_accuracy
+    if not ref.spec.plain:
+        info["metric"] = ref.spec.metric
     info["status"], info["reason"] = decide_status(name, info["parity"]["max_abs_diff"], info["accuracy_delta"],
-                                                   cfg.parity_tolerance, cfg.accuracy_budget)
+                                                   cfg.parity_tolerance, cfg.onnx_accuracy_budget, ref.spec.metric)
     return info
 
 
 def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float], tolerance: float,
-                  budget: float) -> tuple[str, Optional[str]]:
+                  budget: float, metric: str = "accuracy") -> tuple[str, Optional[str]]:
     """FP32 variants must match PyTorch within ``tolerance`` (else 'failed', which fails the stage);
-    reduced-precision ones are 'rejected' when they lose more than ``budget`` accuracy."""
+    reduced-precision ones are 'rejected' when they lose more than ``budget`` of the task metric
+    (``metric``, in its own units: accuracy, F1, MCC, Pearson, ...)."""
     if name in ex.FP32_VARIANTS:
         if not max_abs_diff <= tolerance:  # also catches NaN/inf
             return "failed", (f"max |Δlogits| {max_abs_diff:.2e} vs PyTorch exceeds --parity-tolerance {tolerance:g}")
         return "ok", None
     if accuracy_delta is not None and accuracy_delta < -budget:
-        return "rejected", (f"accuracy {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --accuracy-budget "
+        return "rejected", (f"{metric} {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --onnx-accuracy-budget "
                             f"{budget * 100:g} pt (kept on disk, not deployed)")
     return "ok", None
 
 
+# ----------------------------------------------------------------------------- converters
+# the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
+def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    return build_fused(ref.model.config, out_dir / spec.built_from, out_dir / spec.file)
+
+
+def build_fused(config, src: Path, dst: Path) -> dict:
+    """model.opt.onnx with the optimizer type the families table names. VariantUnavailable where
+    the architecture has no attention fusion (known, or found out for a family outside the table);
+    a table family that should fuse but fuses nothing is an export bug and fails."""
+    model_type, reason = families.ort_fusion(config)
+    if model_type is None:
+        raise ex.VariantUnavailable(reason)
+    try:
+        return dict(ex.optimize(src, dst, int(config.num_attention_heads), int(config.hidden_size), model_type),
+                    model_type=model_type)
+    except ex.NoAttentionFused as exc:
+        if families.family(config).known:
+            raise
+        raise ex.VariantUnavailable(f"{exc} (model type {config.model_type!r} is not in the families table)") from None
+
+
+def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
+                         if cfg.int8_reduce_range is not None else ex.default_reduce_range())
+    opt_ok = built.get("opt", {}).get("status") == "ok"
+    base = out_dir / (spec.built_from if opt_ok else variants.by_key("onnx", "fp32").file)
+    facts = ex.quantize_int8(base, out_dir / spec.file, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
+    return dict(facts, reduce_range_reason=why, from_file=base.name)
+
+
+def build_int4(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    return dict(ex.quantize_int4(src, out_dir / spec.file, block_size=cfg.int4_block_size), from_file=src.name)
+
+
+def build_fp16(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    return dict(ex.convert_fp16(src, out_dir / spec.file), from_file=src.name)
+
+
+def build_qdq(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
+    return dict(ex.quantize_qdq(src, out_dir / spec.file, feeds, per_channel=cfg.qdq_per_channel,
+                                method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output"),
+                from_file=src.name)
+
+
+def build_ov_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    src = out_dir / spec.built_from
+    feeds = ref.calibration_feeds(cfg.calibration_samples)
+    return dict(ex.quantize_nncf(src, out_dir / spec.file, feeds), from_file=src.name)
+
+
 def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, built: dict) -> dict:
-    """Create one variant file; returns the facts recorded in the manifest."""
-    src = out_dir / ex.VARIANTS["fp32"][0]
-    dst = out_dir / ex.VARIANTS[name][0]
-    if name == "opt":
-        return ex.optimize(src, dst, int(ref.model.config.num_attention_heads), int(ref.model.config.hidden_size))
-    if name == "int8":
-        reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
-                             if cfg.int8_reduce_range is not None else ex.default_reduce_range())
-        opt_ok = built.get("opt", {}).get("status") == "ok"
-        base = out_dir / ex.VARIANTS["opt"][0] if opt_ok else src
-        facts = ex.quantize_int8(base, dst, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
-        return dict(facts, reduce_range_reason=why, from_file=base.name)
-    if name == "int4":
-        return dict(ex.quantize_int4(src, dst, block_size=cfg.int4_block_size), from_file=src.name)
-    if name == "fp16":
-        return dict(ex.convert_fp16(src, dst), from_file=src.name)
-    if name == "qdq":
-        feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
-        return dict(ex.quantize_qdq(src, dst, feeds, per_channel=cfg.qdq_per_channel,
-                                    method=cfg.calibration_method,
-                                    exclude_ffn_output=cfg.qdq_exclude == "ffn-output"), from_file=src.name)
-    raise ValueError(name)  # pragma: no cover
+    """Create one variant file with its registered converter; returns the facts for the manifest
+    (a variant without a converter reads an existing file, e.g. OpenVINO FP32 reads model.onnx)."""
+    import importlib
+
+    spec = variants.by_key("onnx", name)
+    if not spec.builder:
+        return {"from_file": spec.built_from}
+    module, attr = spec.builder.split(":")
+    return getattr(importlib.import_module(module), attr)(cfg, ref, out_dir, spec, built)
 
 
 def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict, bool]:
@@ -380,13 +313,11 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
     fp = artifacts.fingerprint({"stage": "onnx", **options_dict(cfg)},
                                {"source": source.name, "model_dir": str(source.model_dir.resolve()),
                                 "manifest": source.digest(), "versions": _versions()})
-    current = None if cfg.force else artifacts.is_current(out_dir, fp)
-    if current:
+    run_ = artifacts.stage_run(out_dir, "onnx", fp, force=cfg.force)
+    if run_.current:
         log.info("onnx/%s is up to date (%s); --force re-runs it", source.name, artifacts.manifest_path(out_dir))
-        return current, True
-    artifacts.begin_stage(out_dir)
-    artifacts.clear_dir(out_dir)
-    with stage_logging("onnx", out_dir):
+        return run_.current, True
+    with run_:
         print_config(STAGE, cfg)
         start = time.perf_counter()
         log.info("exporting %s (%s) to %s", source.name, source.model_dir, out_dir)
@@ -401,15 +332,22 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         log.info("reference: PyTorch FP32 on %d eval rows of %s, parity shapes %s", len(splits.eval), splits.source,
                  ", ".join(f"{b}x{s}" for b, s in ex.parity_shapes(ref.max_length)))
         fp32_size = ex.file_size(out_dir / "model.onnx")
-        variants: dict[str, dict] = {}
+        variants_: dict[str, dict] = {}
         for name in ["fp32"] + [v for v in OPTIONAL_VARIANTS if v in cfg.variant_list()]:
             t0 = time.perf_counter()
             facts: dict = {}
+            usable, why = variants.by_key("onnx", name).available()
+            if not usable:
+                variants_[name] = _failed(name, why, facts, status="skipped")
+                log.info("%s", _fmt_line(name, variants_[name]))
+                continue
             try:
                 if name != "fp32":
-                    facts = build_variant(cfg, ref, out_dir, name, variants)
+                    facts = build_variant(cfg, ref, out_dir, name, variants_)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+            except ex.VariantUnavailable as exc:
+                info = _failed(name, str(exc), facts, status="skipped")
             except PipelineError as exc:
                 if name == "fp32":
                     raise
@@ -418,115 +356,46 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                 if name == "fp32":
                     raise
                 log.debug("variant %s failed", name, exc_info=True)
-                info = _failed(name, f"{type(exc).__name__}: {ex._first_line(exc)}", facts)
-            variants[name] = info
+                info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
+            variants_[name] = info
             (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
         metrics = {
             "source": source.name, "source_dir": str(source.model_dir),
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
+                          "metric": ref.spec.metric, "task": ref.spec.task,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
-            "max_length": ref.max_length, "export": export_facts,
+            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
+            "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
-            "accuracy_budget": cfg.accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
-            "variants": variants, "wall_s": round(time.perf_counter() - start, 1),
+            "accuracy_budget": cfg.onnx_accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
+            "variants": variants_, "wall_s": round(time.perf_counter() - start, 1),
         }
-        failed = [n for n, v in variants.items() if v["status"] == "failed" and n in ex.FP32_VARIANTS]
+        failed = [n for n, v in variants_.items() if v["status"] == "failed" and n in ex.FP32_VARIANTS]
         status = "failed" if failed else "ok"
-        manifest = artifacts.write_manifest(
-            out_dir, stage="onnx", status=status, config=cfg.to_dict(), fingerprint=fp,
+        manifest = run_.finish(
+            status=status, config=cfg.to_dict(),
             inputs={"source": {"name": source.name, "dir": str(source.model_dir), "manifest_digest": source.digest()}},
             outputs=artifacts.list_files(out_dir), metrics=metrics,
-            reason="; ".join(f"{n}: {variants[n]['reason']}" for n in failed) or None)
+            reason="; ".join(f"{n}: {variants_[n]['reason']}" for n in failed) or None)
         if failed:
             raise ex.ExportError(f"onnx/{source.name}: FP32 variant(s) {', '.join(failed)} failed: "
-                                 + "; ".join(variants[n]["reason"] for n in failed)
+                                 + "; ".join(variants_[n]["reason"] for n in failed)
                                  + f" (details in {artifacts.manifest_path(out_dir)})")
     return manifest, False
 
 
-def _failed(name: str, reason: str, facts: dict) -> dict:
-    file, precision, _ = ex.VARIANTS[name]
-    return {"file": file, "precision": precision, "status": "failed", "reason": reason, "size_bytes": None,
-            "devices": [], "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
+def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
+    spec = variants.by_key("onnx", name)
+    return {"file": None if status == "skipped" else spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
+            "reason": reason, "size_bytes": None, "devices": [], "parity": None, "accuracy": None,
+            "accuracy_delta": None, **facts}
 
 
 def _versions() -> dict:
     env = artifacts.environment()
-    return {k: env.get(k) for k in ("torch", "transformers", "onnxruntime")} | {"onnx": artifacts._version("onnx")}
-
-
-# ----------------------------------------------------------------------------- TensorRT
-def tensorrt_source(cfg: OnnxConfig, source: Source, ref: Reference, onnx_manifest: dict) -> tuple[dict, bool]:
-    """Build (or skip, with the reason) the TensorRT engines of one source; (manifest, was_up_to_date)."""
-    from . import tensorrt as trt_mod
-
-    onnx_dir = artifacts.stage_dir(cfg.output_dir, "onnx") / source.name
-    out_dir = artifacts.stage_dir(cfg.output_dir, "tensorrt") / source.name
-    usable, reason = trt_mod.availability()
-    max_length = int(onnx_manifest.get("metrics", {}).get("max_length") or cfg.max_length)
-    fp = artifacts.fingerprint({"stage": "tensorrt", **trt_options(cfg)},
-                               {"onnx": artifacts.manifest_digest(onnx_dir), "usable": usable, "reason": reason,
-                                "device": trt_mod.device_facts()})
-    current = None if cfg.force else artifacts.is_current(out_dir, fp)
-    if current:
-        log.info("tensorrt/%s is up to date (%s)", source.name, current.get("status"))
-        return current, True
-    artifacts.begin_stage(out_dir)
-    artifacts.clear_dir(out_dir)
-    with stage_logging("tensorrt", out_dir):
-        inputs = {"onnx": {"dir": str(onnx_dir), "manifest_digest": artifacts.manifest_digest(onnx_dir)}}
-        if not usable:
-            log.warning("tensorrt/%s skipped: %s", source.name, reason)
-            return artifacts.write_manifest(out_dir, stage="tensorrt", status="skipped", reason=reason,
-                                            config=cfg.to_dict(), fingerprint=fp, inputs=inputs,
-                                            metrics={"source": source.name, "engines": {},
-                                                     **trt_mod.device_facts()}), False
-        profile = trt_mod.make_profile(cfg.trt_min_shapes, cfg.trt_opt_shapes, cfg.trt_max_shapes, max_length,
-                                       max_positions=max_length)
-        metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb)
-        metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
-        ok = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]
-        status = "ok" if ok else "failed"
-        # write the manifest first: the runner checks it before loading a plan
-        artifacts.write_manifest(out_dir, stage="tensorrt", status=status, config=cfg.to_dict(), fingerprint=fp,
-                                 inputs=inputs, outputs=artifacts.list_files(out_dir), metrics=metrics,
-                                 reason=None if ok else "no engine could be built")
-        if ok:
-            _check_engines(ref, out_dir, metrics, profile)
-            manifest = artifacts.write_manifest(out_dir, stage="tensorrt", status=status, config=cfg.to_dict(),
-                                                fingerprint=fp, inputs=inputs, outputs=artifacts.list_files(out_dir),
-                                                metrics=metrics)
-        else:
-            raise ex.ExportError(f"tensorrt/{source.name}: no engine could be built: "
-                                 + "; ".join(f"{p}: {e['reason']}" for p, e in metrics["engines"].items()))
-    return manifest, False
-
-
-def _check_engines(ref: Reference, out_dir: Path, metrics: dict, profile) -> None:
-    """Parity and accuracy of each built engine on the eval split (batches cut to the profile)."""
-    from .runtimes import TensorRTPredictor
-
-    batches, labels = ref.eval_set
-    fit = [b for b in batches if profile.contains(b["input_ids"].shape)]
-    if len(fit) != len(batches):
-        cut = profile.max[0]
-        batches, order = ref._batches(ref.splits.eval.texts, cut)
-        labels = np.asarray(ref.splits.eval.labels)[order]
-        torch_logits = ref.logits(ref.torch, batches, "torch eval")
-    else:
-        torch_logits = ref.torch_eval_logits
-    for precision, engine in metrics["engines"].items():
-        if engine["status"] != "ok":
-            continue
-        pred = TensorRTPredictor(out_dir / engine["file"], precision=precision)
-        logits = ref.logits(pred, batches, f"trt-{precision} eval")
-        engine["parity"] = ex.compare_logits(torch_logits, logits)
-        engine["accuracy"] = accuracy(logits, labels)
-        engine["accuracy_delta"] = engine["accuracy"] - accuracy(torch_logits, labels)
-        log.info("✓ trt-%s  max|Δlogits| %.2e  argmax %.2f%%  acc %.4f (%+.2f pt)", precision,
-                 engine["parity"]["max_abs_diff"], engine["parity"]["argmax_agreement"] * 100, engine["accuracy"],
-                 engine["accuracy_delta"] * 100)
+    return {k: env.get(k) for k in ("torch", "transformers", "onnxruntime")} | {
+        m: artifacts._version(m) for m in ("onnx", "openvino", "nncf")}
 
 
 # ----------------------------------------------------------------------------- stage
@@ -559,43 +428,48 @@ def _summary(name: str, manifest: dict, trt_manifest: dict) -> str:
     return ", ".join(bits)
 
 
-def add_args(parser) -> None:
+def add_args(parser, standalone: bool = False) -> None:
     import argparse
+    from functools import partial
 
     from . import cli
 
     cli.add_common_args(parser)
-    g = parser.add_argument_group("ONNX / ONNX Runtime / TensorRT options")
-    cli.add(g, "--source", metavar="NAME|DIR[,..]",
-            help="export these trained stages (baseline, mixed_precision, pruned) or model directories "
-                 "(default: every trained stage with a finished manifest)")
-    cli.add(g, "--opset", type=int, metavar="N", help=f"ONNX opset, {ex.MIN_OPSET}..{MAX_TORCHSCRIPT_OPSET} (default: 17)")
-    cli.add(g, "--variants", metavar="A,B",
-            help=f"ONNX Runtime variants to build besides model.onnx (default: {','.join(OPTIONAL_VARIANTS)})")
-    cli.add(g, "--accuracy-budget", type=float, metavar="X",
-            help="reduced-precision variants losing more accuracy than this (absolute, vs FP32) are marked "
-                 "rejected (default: 0.01)")
-    cli.add(g, "--parity-tolerance", type=float, metavar="X",
-            help="max |Δlogits| allowed for FP32 variants vs PyTorch (default: 1e-4)")
-    cli.add(g, "--int8-per-channel", action=argparse.BooleanOptionalAction, default=None,
-            help="per-channel weight scales for dynamic INT8 (default: on)")
-    cli.add(g, "--int8-reduce-range", action=argparse.BooleanOptionalAction, default=None,
-            help="7-bit INT8 weights (default: auto, on only for x86 CPUs without VNNI)")
-    cli.add(g, "--int4-block-size", type=int, metavar="N", help="INT4 quantization block size (default: 32)")
-    cli.add(g, "--calibration-samples", type=int, metavar="N",
-            help="training sentences (seeded sample) to calibrate static INT8 QDQ (default: 256)")
-    cli.add(g, "--calibration-method", choices=CALIBRATION_METHODS, help="QDQ calibration (default: minmax)")
-    cli.add(g, "--qdq-per-channel", action=argparse.BooleanOptionalAction, default=None,
-            help="per-channel weight scales for QDQ (default: on)")
-    cli.add(g, "--qdq-exclude", choices=QDQ_EXCLUDES,
-            help="ffn-output (default): keep the feed-forward output MatMuls (GELU-fed, long-tailed "
-                 "activations) in float; none: quantize every MatMul")
-    cli.add(g, "--ort-threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: ORT's)")
-    cli.add(g, "--trt-min-shapes", metavar="BxS", help="TensorRT profile minimum batch x sequence (default: 1x1)")
-    cli.add(g, "--trt-opt-shapes", metavar="BxS", help="TensorRT profile optimum (default: 8x128)")
-    cli.add(g, "--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x max length)")
-    cli.add(g, "--trt-precisions", metavar="A,B", help="TensorRT engines to build (default: fp32,fp16,int8)")
-    cli.add(g, "--trt-workspace-mb", type=int, metavar="MB", help="TensorRT builder workspace (default: 4096)")
+    g = parser.add_argument_group("ONNX / ONNX Runtime / OpenVINO / TensorRT options")
+    add = partial(cli.add, g, config=OnnxConfig)
+    add("--source", metavar="NAME|DIR[,..]",
+        help="export these trained stages (baseline, mixed_precision, pruned) or model directories "
+             "(default: every trained stage with a finished manifest)")
+    add("--opset", type=int, metavar="N", help=f"ONNX opset, {ex.MIN_OPSET}..{MAX_TORCHSCRIPT_OPSET} (default: {{default}})")
+    add("--variants", metavar="A,B", help="variants to build besides model.onnx (default: {default}; "
+                                          "ov-* need requirements-openvino.txt, else they are skipped)")
+    add("--onnx-accuracy-budget", type=float, metavar="X",
+        help="reduced-precision variants losing more accuracy than this (absolute, vs their FP32 source) are "
+             "marked rejected (default: {default}; compare.py's --accuracy-budget is the recommendation's)")
+    add("--parity-tolerance", type=float, metavar="X",
+        help="max |Δlogits| allowed for FP32 variants vs PyTorch (default: {default})")
+    add("--int8-per-channel", action=argparse.BooleanOptionalAction, default=None,
+        help="per-channel weight scales for dynamic INT8 (default: {default})")
+    add("--int8-reduce-range", action=argparse.BooleanOptionalAction, default=None,
+        help="7-bit INT8 weights (default: auto, on only for x86 CPUs without VNNI)")
+    add("--int4-block-size", type=int, metavar="N", help="INT4 quantization block size (default: {default})")
+    add("--calibration-samples", type=int, metavar="N",
+        help="training sentences (seeded sample) to calibrate static INT8 QDQ and NNCF (default: {default})")
+    add("--calibration-method", choices=CALIBRATION_METHODS, help="QDQ calibration (default: {default})")
+    add("--qdq-per-channel", action=argparse.BooleanOptionalAction, default=None,
+        help="per-channel weight scales for QDQ (default: {default})")
+    add("--qdq-exclude", choices=QDQ_EXCLUDES,
+        help="ffn-output (default): keep the feed-forward output MatMuls (GELU-fed, long-tailed "
+             "activations) in float; none: quantize every MatMul")
+    add("--ort-threads", type=int, metavar="N", help="ONNX Runtime / OpenVINO intra-op threads (default: the runtime's)")
+    add("--trt-min-shapes", metavar="BxS", help="TensorRT profile minimum batch x sequence (default: {default})")
+    add("--trt-opt-shapes", metavar="BxS", help="TensorRT profile optimum (default: {default})")
+    add("--trt-max-shapes", metavar="BxS", help="TensorRT profile maximum (default: 64 x the model's position limit)")
+    add("--trt-precisions", metavar="A,B", help="TensorRT engines to build (default: {default})")
+    add("--trt-workspace-mb", type=int, metavar="MB", help="TensorRT builder workspace (default: {default})")
+    if standalone:  # in main.py --accuracy-budget is compare's; here the old spelling was this stage's
+        cli.renamed(parser, "--accuracy-budget", "--onnx-accuracy-budget")
+        cli.renamed(parser, "--variant", "--variants", "is not a flag of onnx_tensorrt.py: --variants (prefixes are not expanded)")
 
 
 def build_config(ns) -> OnnxConfig:

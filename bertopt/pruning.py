@@ -4,7 +4,11 @@ pruning order and the distillation loss used when re-fine-tuning a pruned model.
 Layer removal is real: :func:`remove_layers` returns a deep copy whose encoder ``ModuleList``
 no longer holds the removed blocks and whose ``config.num_hidden_layers`` matches, so
 ``save_pretrained`` writes a plain, smaller model that ``from_pretrained`` loads without any
-pruning code (state-dict keys are renumbered ``layer.0 .. layer.N-1``).
+pruning code (state-dict keys are renumbered ``layer.0 .. layer.N-1``). Where the layers are and
+what else shrinks with them (per-layer config lists such as ModernBERT's global/local
+``layer_types``) comes from :mod:`bertopt.families`. Shared-weight families (ALBERT: one layer
+run ``num_hidden_layers`` times) are pruned by running the shared layer fewer times: a real depth
+reduction (fewer FLOPs per token) that removes no parameters.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from . import families
 from .errors import ConfigError
 from .modeling import encoder_layers
 
@@ -23,6 +28,9 @@ METHODS = ("removal", "gradient")
 
 # ----------------------------------------------------------------------------- layer removal
 def num_layers(model) -> int:
+    """Blocks run per forward pass (ALBERT: repetitions of the shared layer)."""
+    if families.shares_layers(model):
+        return families.depth(model)
     return len(encoder_layers(model))
 
 
@@ -55,6 +63,9 @@ def remove_layers(model, indices: Sequence[int]):
     if len(drop) >= n:
         raise ConfigError(f"cannot remove all {n} encoder layers of the model")
     pruned = copy.deepcopy(model)
+    if families.shares_layers(pruned):
+        _fewer_repetitions(pruned, n - len(drop))
+        return pruned
     layers = encoder_layers(pruned)
     for i in reversed(drop):
         del layers[i]  # ModuleList.__delitem__ renumbers the remaining keys 0..N-1
@@ -63,11 +74,21 @@ def remove_layers(model, indices: Sequence[int]):
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     pruned.config.num_hidden_layers = len(layers)
-    for name in ("layer_types",):  # per-layer config lists (newer architectures) shrink with the model
+    per_layer = dict.fromkeys(families.family(pruned).per_layer_config + ("layer_types",))  # generic: layer_types
+    for name in per_layer:  # per-layer config lists shrink with the model
         values = getattr(pruned.config, name, None)
         if isinstance(values, list) and len(values) == n:
             setattr(pruned.config, name, [v for i, v in enumerate(values) if i not in drop])
     return pruned
+
+
+def _fewer_repetitions(model, keep: int) -> None:
+    """ALBERT-style shared layers: run the shared layer group ``keep`` times instead of N."""
+    groups = int(getattr(model.config, "num_hidden_groups", 1) or 1)
+    if groups != 1:
+        raise ConfigError(f"pruning {families.family(model).name} with {groups} layer groups is not supported "
+                          "(only one shared group, as in every released ALBERT)")
+    model.config.num_hidden_layers = keep
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -80,14 +101,16 @@ class LayerScores:
     scores: list[float]
     details: list[dict] = field(default_factory=list)
     base: dict = field(default_factory=dict)
+    prefer_last: bool = False  # equal scores: remove the highest index (shared-layer repetitions)
 
-    def least_important(self) -> int:
-        """Current index of the layer to remove next; ties broken by the detail tie-break, then index."""
+    def least_important(self, allowed: Optional[Sequence[int]] = None) -> int:
+        """Current index of the layer to remove next (among ``allowed``); ties broken by the detail
+        tie-break, then index."""
         def key(i):
             tie = self.details[i].get("loss_increase", 0.0) if self.details else 0.0
-            return (round(self.scores[i], 12), round(tie, 12), i)
+            return (round(self.scores[i], 12), round(tie, 12), -i if self.prefer_last else i)
 
-        return min(range(len(self.scores)), key=key)
+        return min(range(len(self.scores)) if allowed is None else allowed, key=key)
 
 
 def removal_sensitivity(model, loader, device, evaluate: Callable | None = None) -> LayerScores:
@@ -174,7 +197,27 @@ def gradient_sensitivity(model, loader, device) -> LayerScores:
                         "n": total})
 
 
+def shared_layer_sensitivity(model, loader, device, method: str) -> LayerScores:
+    """Shared-weight layers (ALBERT): every repetition is the same weights, so removing any one
+    gives the same model; one evaluation scores them all (the last repetition is then removed)."""
+    from .training import evaluate
+
+    n = num_layers(model)
+    base = evaluate(model, loader, device, desc="eval (all repetitions)")
+    ev = evaluate(remove_layers(model, [n - 1]), loader, device, desc="eval with one repetition fewer")
+    drop = base["accuracy"] - ev["accuracy"]
+    log.info("%s shares one layer across %d repetitions (--method %s not needed): one repetition fewer "
+             "changes accuracy by %+.4f", families.family(model).name, n, method, -drop)
+    detail = {"accuracy": ev["accuracy"], "loss": ev["loss"], "accuracy_drop": drop,
+              "loss_increase": ev["loss"] - base["loss"]}
+    # equal scores; the tie-break below picks the last repetition
+    return LayerScores("removal", "accuracy_drop", [drop] * n, [dict(detail) for _ in range(n)],
+                       {"accuracy": base["accuracy"], "loss": base["loss"], "n": base["n"]}, prefer_last=True)
+
+
 def layer_sensitivity(model, loader, device, method: str = "removal") -> LayerScores:
+    if method in METHODS and families.shares_layers(model):
+        return shared_layer_sensitivity(model, loader, device, method)
     if method == "removal":
         return removal_sensitivity(model, loader, device)
     if method == "gradient":
@@ -205,7 +248,10 @@ def greedy_prune(model, k: int, scorer: Callable[[object], LayerScores]) -> Prun
         scores = scorer(current)
         if initial is None:
             initial = scores
-        pick = scores.least_important()
+        allowed = [i for i in range(len(scores.scores)) if families.prunable(current, i)]
+        if len(allowed) < len(scores.scores) and step == 0:
+            log.info("layer 0 is kept: %s", families.family(current).fixed_first_layer)
+        pick = scores.least_important(allowed)
         orig = original[pick]
         steps.append({"step": step + 1, "layers_before": len(original), "layer_indices": list(original),
                       "scores": scores.scores, "details": scores.details, "base": scores.base,

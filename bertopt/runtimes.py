@@ -1,6 +1,9 @@
-"""The Predictor protocol and its implementations (torch eager here; ONNX Runtime and TensorRT
-are added by the export stage). compare.py and the SageMaker handler use these; nothing else
-builds inference sessions by hand.
+"""The Predictor protocol, its torch / ONNX Runtime / TensorRT implementations, and
+:func:`open_predictor`, the one function that turns a registered variant
+(:mod:`bertopt.variants`) and its file into a predictor. The ONNX stage, compare.py (and its
+fresh-process memory probe) and the SageMaker handler use these; nothing else builds inference
+sessions by hand. The OpenVINO predictor lives with its converter in
+:mod:`bertopt.openvino_backend` and is reached through the registry like the others.
 
 A batch is what :func:`bertopt.data.pad_batch` returns: a dict of int64 numpy arrays
 ``input_ids``, ``attention_mask`` and (for BERT) ``token_type_ids``, shape (batch, seq).
@@ -15,9 +18,10 @@ import numpy as np
 @runtime_checkable
 class Predictor(Protocol):
     name: str        # e.g. "torch-fp32", "ort-int8"
-    backend: str     # torch | onnxruntime | tensorrt
+    backend: str     # torch | onnxruntime | tensorrt | openvino
     precision: str   # fp32 | fp16 | bf16 | int8 | int4
     device: str      # cpu | cuda
+    input_names: tuple  # the batch keys the model reads (input_ids, attention_mask[, token_type_ids])
 
     def predict_logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """float32 logits of shape (batch, num_labels)."""
@@ -68,8 +72,51 @@ DEVICE_PROVIDERS = {
 _ORT_INPUT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def _provider_name(p) -> str:
     return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def gpu_provider_options(providers, precision: str) -> list:
+    """The providers with the CUDA EP's TF32 mode set explicitly: off for fp32 variants (ORT's CUDA EP
+    runs FP32 MatMul/Conv as TF32 by default, which would make an "fp32" row a TF32 row), on
+    otherwise. Options already given by the caller win."""
+    out = []
+    for p in providers:
+        name, opts = (p[0], dict(p[1])) if isinstance(p, (tuple, list)) else (p, {})
+        if name == "CUDAExecutionProvider":
+            opts.setdefault("use_tf32", "0" if precision == "fp32" else "1")
+        out.append((name, opts) if opts else name)
+    return out
+
+
+def preload_gpu_libraries(ort) -> str | None:
+    """onnxruntime.preload_dlls() where this onnxruntime has it (>= 1.21): loads the CUDA/cuDNN
+    libraries from the nvidia-* wheels or torch so the CUDA EP can start. Returns the error text
+    when it fails (the CUDA EP will then most likely fall back to the CPU), else None."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return None
+    try:
+        preload()
+    except Exception as exc:  # missing libraries, wrong CUDA major
+        text = str(exc).strip()
+        return f"onnxruntime.preload_dlls() failed: {text.splitlines()[0][:200] if text else type(exc).__name__}"
+    return None
+
+
+def fallback_problem(requested, active, note: str | None = None) -> str | None:
+    """Why a session is not running on the GPU execution providers it was asked for (ORT silently
+    falls back to the CPU when e.g. the CUDA EP cannot load its libraries), or None."""
+    names = [_provider_name(p) for p in requested]
+    lost = [n for n in names if n in GPU_PROVIDERS and n not in active]
+    if not lost:
+        return None
+    note = note or ("its CUDA/cuDNN libraries could not be loaded: check that the CUDA major of onnxruntime-gpu "
+                    "matches the driver and the installed nvidia-* libraries")
+    return f"onnxruntime could not start {', '.join(lost)} and fell back to {', '.join(active) or 'nothing'} ({note})"
 
 
 class OrtPredictor:
@@ -87,13 +134,13 @@ class OrtPredictor:
 
         import onnxruntime as ort
 
-        from .errors import BackendUnavailable, ConfigError, ModelError
+        from .errors import BackendUnavailable, ConfigError, ModelError, first_line
 
         self.path = Path(path)
         if graph_optimization_level not in GRAPH_LEVELS:
             raise ConfigError(f"graph optimization level must be one of {', '.join(GRAPH_LEVELS)} "
                               f"(got {graph_optimization_level!r})")
-        providers = list(providers or DEVICE_PROVIDERS["cpu"])
+        providers = gpu_provider_options(list(providers or DEVICE_PROVIDERS["cpu"]), precision)
         available = set(ort.get_available_providers())
         missing = [_provider_name(p) for p in providers if _provider_name(p) not in available]
         if missing:
@@ -109,11 +156,13 @@ class OrtPredictor:
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3  # errors only; session problems surface as exceptions
+        wants_gpu = any(_provider_name(p) in GPU_PROVIDERS for p in providers)
+        preload_note = preload_gpu_libraries(ort) if wants_gpu else None
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented, ...
             text = str(exc).strip()
-            first = text.splitlines()[0][:300] if text else type(exc).__name__
+            first = first_line(exc)
             if "protobuf" in text.lower() or "invalid_protobuf" in text.lower() or self.path.stat().st_size == 0:
                 reason = "the file is corrupt or truncated"
             else:
@@ -121,6 +170,9 @@ class OrtPredictor:
             raise ModelError(f"cannot load {self.path}: {first} ({reason}; re-create it with "
                              "`python onnx_tensorrt.py --force`)") from None
         self.providers = self.session.get_providers()
+        problem = fallback_problem(providers, self.providers, preload_note)
+        if problem:
+            raise BackendUnavailable(f"{self.path.name}: {problem}")
         self.device = "cuda" if any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else "cpu"
         self.precision = precision
         parts = self.path.name.split(".")  # model.onnx -> fp32, model.int8.onnx -> int8
@@ -164,13 +216,92 @@ class TensorRTPredictor:
             precision = parts[1] if len(parts) == 3 else "fp32"
         self.precision = precision
         self.name = name or f"trt-{self.precision}"
+        self.device = device
         self.input_names = self.runner.input_names
+        self.stream = self.runner.stream
+
+    def accepts(self, shape) -> str | None:
+        """None when a (batch, sequence) batch fits the engine's optimization profile, else why not."""
+        return self.runner.accepts(shape)
 
     def predict_logits(self, batch):
         return self.runner.run(batch)
 
 
+# ----------------------------------------------------------------------------- OpenVINO
+class OpenVinoPredictor:
+    """An OpenVINO CPU model compiled from ``model.onnx`` (FP32, f32 inference precision forced, so
+    a CPU with bf16/AMX does not silently change the numerics) or from NNCF-quantized IR (INT8).
+    Imports openvino lazily; without it BackendUnavailable names the requirements file."""
+
+    backend = "openvino"
+
+    def __init__(self, path, *, name: str = "ov-fp32", precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None):
+        from pathlib import Path
+
+        from .errors import BackendUnavailable, ModelError, first_line
+
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendUnavailable("openvino is not installed (pip install -r requirements-openvino.txt)") from None
+        self.path, self.name, self.precision, self.device = Path(path), name, precision, "cpu"
+        if not self.path.is_file():
+            raise ModelError(f"OpenVINO model not found: {self.path} (run `python onnx_tensorrt.py` to create it)")
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        except Exception as exc:  # openvino raises RuntimeError subclasses with multi-line text
+            raise ModelError(f"cannot load {self.path} with openvino: {first_line(exc)}"
+                             " (re-create it with `python onnx_tensorrt.py --force`)") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
+        self._output = self.compiled.outputs[0]
+
+    def predict_logits(self, batch):
+        feed = {n: np.ascontiguousarray(batch[n], dtype=np.int64) for n in self.input_names}
+        out = self.request.infer(feed)[self._output]
+        return np.array(out, dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------- factory
+def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: int | None = None):
+    from .errors import ConfigError
+
+    if device not in DEVICE_PROVIDERS:
+        raise ConfigError(f"device must be one of {', '.join(DEVICE_PROVIDERS)} (got {device!r})")
+    return OrtPredictor(path, name=name, providers=DEVICE_PROVIDERS[device], intra_op_threads=threads,
+                        precision=precision)
+
+
+def open_tensorrt(path, *, name: str, precision: str, device: str = "cuda", threads: int | None = None):
+    return TensorRTPredictor(path, name=name, precision=precision, device=device if device.startswith("cuda") else "cuda")
+
+
+def open_predictor(spec, path, *, device: str | None = None, threads: int | None = None, name: str | None = None):
+    """The Predictor of a registered variant (:class:`bertopt.variants.VariantSpec` or its row
+    name) whose artifact is ``path`` (a model directory for torch, else the variant's file)."""
+    import importlib
+
+    from . import variants
+
+    if isinstance(spec, str):
+        spec = variants.get(spec)
+    module, attr = spec.opener.split(":")
+    opener = getattr(importlib.import_module(module), attr)
+    return opener(path, name=name or spec.name, precision=spec.precision, device=device or spec.devices[0],
+                  threads=threads)
+
+
+def open_from_dict(d: dict):
+    """open_predictor from a JSON-able dict (what crosses into compare's fresh-process memory probe)."""
+    return open_predictor(d["spec"], d["path"], device=d.get("device"), threads=d.get("threads"),
+                          name=d.get("name"))
+
+
 def _variant_from_manifest(directory, variant):
     from . import artifacts
 
@@ -181,16 +312,17 @@ def _variant_from_manifest(directory, variant):
 
 
 def load_predictor(onnx_dir_or_model_dir, variant: str, device: str = "cpu", threads: int | None = None):
-    """The Predictor for ``variant`` of a stage directory.
+    """The Predictor for ``variant`` of a stage directory (a user-facing name, resolved through
+    the registry):
 
     - ``torch`` (or ``torch-fp32``/``torch-fp16``/``torch-bf16``): a save_pretrained model directory;
-    - ``fp32|opt|int8|int4|fp16|qdq`` (optionally ``ort-`` prefixed): a file of an ONNX stage dir
-      (``saved_models/onnx/<source>``); ``device`` cpu, cuda or tensorrt (execution provider);
+    - ``fp32|opt|int8|int4|fp16|qdq`` (optionally ``ort-`` prefixed) or ``ov-fp32|ov-int8``: a file of
+      an ONNX stage dir (``saved_models/onnx/<source>``); ``device`` cpu, cuda or tensorrt (ORT provider);
     - ``trt-fp32|trt-fp16|trt-int8``: a plan of a TensorRT stage dir (``saved_models/tensorrt/<source>``).
     """
     from pathlib import Path
 
-    from . import export
+    from . import variants
     from .errors import ConfigError, MissingArtifact, ModelError
 
     directory = Path(onnx_dir_or_model_dir)
@@ -202,24 +334,20 @@ def load_predictor(onnx_dir_or_model_dir, variant: str, device: str = "cpu", thr
         dev = "cuda" if device.startswith("cuda") else "cpu"
         return TorchPredictor(str(directory), name=f"torch-{precision}", device=dev, precision=precision,
                               threads=threads)
-    if v.startswith("trt-"):
-        precision = v[4:]
-        plan = directory / f"model.{precision}.plan"
-        if not plan.is_file():
-            raise MissingArtifact(plan, "python onnx_tensorrt.py  # on an NVIDIA GPU with tensorrt installed")
-        return TensorRTPredictor(plan, name=v, precision=precision)
-    v = v[4:] if v.startswith("ort-") else v
-    if v not in export.VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r} (torch, {', '.join(export.VARIANTS)}, trt-fp32, "
-                          "trt-fp16, trt-int8)")
-    file, precision, _ = export.VARIANTS[v]
-    info = _variant_from_manifest(directory, v)
+    name = v if v in variants.REGISTRY else f"ort-{v}"
+    spec = variants.REGISTRY.get(name)
+    if spec is None or spec.stage == "trained":
+        known = [s.name for s in variants.REGISTRY.values() if s.stage != "trained"]
+        raise ConfigError(f"unknown variant {variant!r} (torch, {', '.join(known)})")
+    file = spec.file
+    info = _variant_from_manifest(directory, spec.key) if spec.stage == "onnx" else None
     if info:
-        file, precision = info.get("file") or file, info.get("precision") or precision
+        file = info.get("file") or file
     path = directory / file
     if not path.is_file():
-        raise MissingArtifact(path, "python onnx_tensorrt.py")
-    if device not in DEVICE_PROVIDERS:
-        raise ConfigError(f"device must be one of {', '.join(DEVICE_PROVIDERS)} (got {device!r})")
-    return OrtPredictor(path, name=f"ort-{v}", providers=DEVICE_PROVIDERS[device], intra_op_threads=threads,
-                        precision=precision)
+        hint = "  # on an NVIDIA GPU with tensorrt installed" if spec.backend == "tensorrt" else ""
+        raise MissingArtifact(path, "python onnx_tensorrt.py" + hint)
+    if spec.backend == "onnxruntime":
+        return open_ort(path, name=name, precision=(info or {}).get("precision") or spec.precision,
+                        device=device, threads=threads)
+    return open_predictor(spec, path, threads=threads)

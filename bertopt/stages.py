@@ -1,4 +1,6 @@
-"""The stage table main.py runs, in order. Later stages register themselves here."""
+"""The stage table main.py runs, in order: name, script, flags, config builder, run function,
+whether it is optional (and what enables it) and its main.py defaults. Stage modules are imported
+only when their function is called (:func:`_lazy`), so ``--help`` stays light."""
 from __future__ import annotations
 
 import argparse
@@ -19,18 +21,19 @@ class Stage:
     run: Callable[[object], cli.StageResult]
     optional: bool = False  # optional stages run only when enabled_by(ns) says so
     enabled_by: Callable[[argparse.Namespace], bool] | None = None
+    # main.py's end-to-end defaults for this stage's unset flags: (ns, names of the stages that
+    # will run) -> {dest: value}; the stage scripts alone keep their dataclass defaults
+    pipeline_defaults: Callable[[argparse.Namespace, set], dict] | None = None
 
 
-def _run_baseline(cfg):
-    from .train_stage import run_baseline
+def _lazy(module: str, name: str):
+    """A function that imports ``bertopt.<module>`` only when called (keeps --help light)."""
+    def call(*args):
+        import importlib
 
-    return run_baseline(cfg)
+        return getattr(importlib.import_module(f"bertopt.{module}"), name)(*args)
 
-
-def _run_mixed(cfg):
-    from .train_stage import run_mixed_precision
-
-    return run_mixed_precision(cfg)
+    return call
 
 
 def add_baseline_args(parser):
@@ -54,16 +57,10 @@ def build_mixed(ns):
 
 
 BASELINE = Stage("baseline", "benchmark.py", "FP32 baseline fine-tune (the reference every variant is measured against)",
-                 add_baseline_args, build_baseline, _run_baseline)
+                 add_baseline_args, build_baseline, _lazy("train_stage", "run_baseline"))
 MIXED_PRECISION = Stage("mixed_precision", "mixed_precision.py",
                         "mixed-precision (AMP) fine-tune; skipped where the hardware has no fast half-precision math",
-                        add_mixed_args, build_mixed, _run_mixed)
-
-
-def _run_prune(cfg):
-    from .prune_stage import run_prune
-
-    return run_prune(cfg)
+                        add_mixed_args, build_mixed, _lazy("train_stage", "run_mixed_precision"))
 
 
 def add_prune_args(parser, standalone: bool = False):
@@ -93,29 +90,26 @@ def build_prune(ns):
 
 PRUNE = Stage("prune", "prune.py",
               "greedy structured layer pruning + re-fine-tune (enabled by --prune-layers or --target-layers)",
-              add_prune_args, build_prune, _run_prune, optional=True,
+              add_prune_args, build_prune, _lazy("prune_stage", "run_prune"), optional=True,
               enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
               or getattr(ns, "target_layers", None) is not None)
 
-def _lazy(module: str, name: str):
-    """A function that imports ``bertopt.<module>`` only when called (keeps --help light)."""
-    def call(*args):
-        import importlib
-
-        return getattr(importlib.import_module(f"bertopt.{module}"), name)(*args)
-
-    return call
+def _onnx_pipeline_defaults(ns, running: set) -> dict:
+    # the ONNX graphs of the mixed-precision model are the baseline's graphs with other weights
+    # (same speed); exporting and timing them again would double the default run's compare
+    return {"source": ",".join(["baseline"] + (["pruned"] if "prune" in running else []))}
 
 
 ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
-                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), TensorRT engines "
-                      "(skipped without an NVIDIA GPU)",
-                      _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"))
+                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), OpenVINO FP32/INT8 "
+                      "(with requirements-openvino.txt), TensorRT engines (skipped without an NVIDIA GPU)",
+                      _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"),
+                      pipeline_defaults=_onnx_pipeline_defaults)
 COMPARE = Stage("compare", "compare.py",
                 "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
                 "write reports/results.json and the HTML report",
-                _lazy("compare_stage", "add_compare_args"), _lazy("compare_stage", "build_compare"),
-                _lazy("compare_stage", "run"))
+                _lazy("compare.config", "add_compare_args"), _lazy("compare.config", "build_compare"),
+                _lazy("compare.stage", "run"), pipeline_defaults=lambda ns, running: {"protocol_name": "fast"})
 
 STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
 
@@ -125,35 +119,11 @@ def by_name() -> dict[str, Stage]:
 
 
 # ---- AWS (optional; keep these last: the deploy reads compare.py's recommendation) ----
-def _aws_stage(name):
-    def add_args(parser):
-        from .aws import config
-
-        (config.add_deploy_args if name == "aws_deploy" else config.add_cleanup_args)(parser)
-
-    def build(ns):
-        from .aws import config
-
-        return config.build_deploy(ns) if name == "aws_deploy" else config.build_cleanup(ns)
-
-    def run(cfg):
-        from .aws import cleanup, deploy
-
-        return (deploy if name == "aws_deploy" else cleanup).run(cfg)
-
-    def enabled(ns):
-        from .aws import config
-
-        return (config.deploy_enabled if name == "aws_deploy" else config.cleanup_enabled)(ns)
-
-    return add_args, build, run, enabled
-
-
-_DEPLOY, _CLEANUP = _aws_stage("aws_deploy"), _aws_stage("aws_cleanup")
 AWS_DEPLOY = Stage("aws_deploy", "aws_deploy.py",
                    "SageMaker endpoint for the recommended model (enabled by --aws_account_id / --aws_role_arn)",
-                   *_DEPLOY[:3], optional=True, enabled_by=_DEPLOY[3])
-AWS_CLEANUP = Stage("aws_cleanup", "aws_cleanup.py",
-                    "delete every AWS resource the deploy created (enabled by --cleanup_aws)",
-                    *_CLEANUP[:3], optional=True, enabled_by=_CLEANUP[3])
+                   _lazy("aws.config", "add_deploy_args"), _lazy("aws.config", "build_deploy"), _lazy("aws.deploy", "run"),
+                   optional=True, enabled_by=_lazy("aws.config", "deploy_enabled"))
+AWS_CLEANUP = Stage("aws_cleanup", "aws_cleanup.py", "delete every AWS resource the deploy created (enabled by --cleanup_aws)",
+                    _lazy("aws.config", "add_cleanup_args"), _lazy("aws.config", "build_cleanup"),
+                    _lazy("aws.cleanup", "run"), optional=True, enabled_by=_lazy("aws.config", "cleanup_enabled"))
 STAGES += [AWS_DEPLOY, AWS_CLEANUP]

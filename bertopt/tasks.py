@@ -217,6 +217,7 @@ class TaskSpec:
     metric: str = "accuracy"
     threshold: Optional[float] = None  # multi-label; None = tuned on the eval split
     class_weights: Optional[list] = None  # cross-entropy weights per class
+    why: str = ""  # why this metric (printed at start; not stored)
 
     @property
     def plain(self) -> bool:
@@ -226,6 +227,13 @@ class TaskSpec:
     def to_dict(self) -> dict:
         return {"task": self.task, "label_names": list(self.label_names), "metric": self.metric,
                 "threshold": self.threshold, "class_weights": self.class_weights}
+
+
+def spec_from_record(record: Optional[dict]) -> TaskSpec:
+    """The TaskSpec a training manifest's ``data`` record stores (older manifests: plain accuracy)."""
+    r = record or {}
+    return TaskSpec(r.get("task") or CLASSIFICATION, list(r.get("label_names") or []), r.get("metric") or "accuracy",
+                    r.get("threshold"), r.get("class_weights"))
 
 
 def class_weights(setting, train_labels, num_labels: int, task: str) -> Optional[list]:
@@ -243,3 +251,33 @@ def class_weights(setting, train_labels, num_labels: int, task: str) -> Optional
     if len(values) != num_labels:
         raise DataError(f"--class-weights {setting}: {len(values)} weight(s) for {num_labels} classes")
     return values
+
+
+def task_loss(spec):
+    """``loss_fn(logits, labels, inputs)`` for a task: cross-entropy (optionally class-weighted),
+    BCE-with-logits for multi-label, MSE for regression. None for the plain path (unweighted CE)."""
+    import torch
+
+    if spec is None or (spec.task == CLASSIFICATION and not spec.class_weights):
+        return None
+    if spec.task == MULTI_LABEL:
+        return lambda logits, y, inputs=None: torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    if spec.task == REGRESSION:
+        return lambda logits, y, inputs=None: torch.nn.functional.mse_loss(logits.view(-1), y.float().view(-1))
+    weight = torch.tensor(spec.class_weights, dtype=torch.float32)
+    return lambda logits, y, inputs=None: torch.nn.functional.cross_entropy(logits, y, weight=weight.to(logits.device))
+
+
+def aggregate(logits: np.ndarray, owners: Optional[list], task: str) -> np.ndarray:
+    """One row per text from chunk windows' logits: mean, or max for multi-label."""
+    if owners is None:
+        return logits
+    owners = np.asarray(owners)
+    n = int(owners.max()) + 1
+    out = np.zeros((n, logits.shape[1]), dtype=np.float64)
+    if task == MULTI_LABEL:
+        out[:] = -np.inf
+        np.maximum.at(out, owners, logits)
+        return out
+    np.add.at(out, owners, logits)
+    return out / np.bincount(owners, minlength=n)[:, None]

@@ -27,14 +27,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import BackendUnavailable, ConfigError, ModelError
+from . import variants as _variants
+from .errors import BackendUnavailable, ConfigError, ModelError, first_line
 
 log = logging.getLogger("bertopt.tensorrt")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # precision -> the ONNX file it is built from (strongly typed: the file carries the precision)
-ONNX_SOURCES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.qdq.onnx"}
-DEFAULT_MIN_SHAPE = "1x1"
+ONNX_SOURCES = {s.precision: s.built_from for s in _variants.for_stage("tensorrt")}
+PLAN_FILES = {s.precision: s.file for s in _variants.for_stage("tensorrt")}
 DEFAULT_OPT_SHAPE = "8x128"
 DEFAULT_MAX_BATCH = 64
 INSTALL_HINT = "pip install -r requirements-gpu.txt on a machine with an NVIDIA GPU"
@@ -106,7 +107,7 @@ def import_tensorrt():
     except ImportError as exc:
         raise BackendUnavailable(f"the tensorrt Python package is not installed ({exc}); {INSTALL_HINT}") from None
     except Exception as exc:  # broken install: missing libnvinfer, CUDA driver mismatch
-        raise BackendUnavailable(f"tensorrt cannot be imported: {str(exc).splitlines()[0][:200]}") from None
+        raise BackendUnavailable(f"tensorrt cannot be imported: {first_line(exc)}") from None
     major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
     if major < 10:
         raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: TensorRT >= 10 is required "
@@ -167,8 +168,8 @@ def precision_plan(precision: str, caps: dict, onnx_dir: str | os.PathLike) -> d
 
 
 # ----------------------------------------------------------------------------- where it was built
-def device_facts(trt=None) -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (for the manifest)."""
+def device_facts(trt=None, index: int = 0) -> dict:
+    """TensorRT version, GPU name and compute capability of CUDA device ``index`` (for the manifest)."""
     facts = {"tensorrt": None, "gpu": None, "compute_capability": None}
     if trt is not None:
         facts["tensorrt"] = str(trt.__version__)
@@ -176,8 +177,8 @@ def device_facts(trt=None) -> dict:
         import torch
 
         if torch.cuda.is_available():
-            facts["gpu"] = torch.cuda.get_device_name(0)
-            facts["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+            facts["gpu"] = torch.cuda.get_device_name(index)
+            facts["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(index)
     except ImportError:  # pragma: no cover
         pass
     return facts
@@ -214,29 +215,51 @@ def check_compatible(plan_path: str | os.PathLike, current: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- build
-class _Logger:
-    """A trt.ILogger that forwards warnings and errors to our logger."""
+_LOGGER = None  # TensorRT keeps ONE logger per process: every Builder/Runtime must get the same object
 
-    def __new__(cls, trt):
-        class Forward(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
 
-            def log(self, severity, msg):
-                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                    log.error("TensorRT: %s", msg)
-                elif severity == trt.ILogger.Severity.WARNING:
-                    log.debug("TensorRT: %s", msg)
+def process_logger(trt):
+    """The process-wide trt.ILogger that forwards TensorRT's errors and warnings to our logger.
 
-        return Forward()
+    TensorRT registers the first logger it is given for the whole process; a logger per Builder or
+    Runtime can be freed while TensorRT still calls it (use-after-free when runners overlap), so it
+    is created once and kept for the life of the process."""
+    global _LOGGER
+    if _LOGGER is not None and getattr(_LOGGER, "_trt_module", None) is trt:
+        return _LOGGER
+
+    class Forward(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+
+    _LOGGER = Forward()
+    _LOGGER._trt_module = trt
+    return _LOGGER
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def build_engine(trt, plan: dict, plan_path: str | os.PathLike, profile: Profile, workspace_mb: int,
                  logger=None) -> dict:
     """Build one serialized engine as ``plan`` (from :func:`precision_plan`) says."""
-    logger = logger or _Logger(trt)
+    logger = logger or process_logger(trt)
     start = time.perf_counter()
-    builder = trt.Builder(logger)
+    try:  # a builder that cannot start (no usable GPU, driver mismatch) raises TypeError in the bindings
+        builder = trt.Builder(logger)
+    except Exception as exc:
+        raise ModelError(f"TensorRT cannot create a builder ({_short(exc)}): is the GPU usable and the driver "
+                         "new enough for this TensorRT?") from None
+    if builder is None:
+        raise ModelError("TensorRT cannot create a builder (trt.Builder returned None)")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan["strongly_typed"] else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -268,9 +291,17 @@ def build_engine(trt, plan: dict, plan_path: str | os.PathLike, profile: Profile
 
 
 def build_engines(onnx_dir: str | os.PathLike, trt_dir: str | os.PathLike, precisions: Sequence[str],
-                  profile: Profile, workspace_mb: int) -> dict:
-    """Build every requested engine; a failed precision is recorded, not fatal."""
+                  profile: Profile, workspace_mb: int, device_index: int = 0) -> dict:
+    """Build every requested engine on CUDA device ``device_index``; a failed precision is
+    recorded, not fatal."""
+    import torch
+
     trt = import_tensorrt()
+    with torch.cuda.device(device_index):
+        return _build_all(trt, onnx_dir, trt_dir, precisions, profile, workspace_mb, device_index)
+
+
+def _build_all(trt, onnx_dir, trt_dir, precisions, profile, workspace_mb, device_index) -> dict:
     caps = capabilities(trt)
     engines = {}
     for precision in precisions:
@@ -280,19 +311,25 @@ def build_engines(onnx_dir: str | os.PathLike, trt_dir: str | os.PathLike, preci
             log.warning("x trt-%s skipped: %s", precision, plan["skip"])
             continue
         try:
-            engines[precision] = build_engine(trt, plan, Path(trt_dir) / f"model.{precision}.plan", profile, workspace_mb)
+            engines[precision] = build_engine(trt, plan, Path(trt_dir) / PLAN_FILES[precision], profile, workspace_mb)
             log.info("✓ trt-%s built from %s in %.1fs (%.1f MB)", precision, Path(plan["onnx"]).name,
                      engines[precision]["build_s"], engines[precision]["size_bytes"] / 2**20)
-        except ModelError as exc:
-            engines[precision] = {"file": None, "status": "failed", "reason": str(exc), "size_bytes": None}
-            log.warning("x trt-%s failed: %s", precision, exc)
-    return {"engines": engines, "capabilities": caps, **device_facts(trt)}
+        except Exception as exc:  # ModelError, or whatever TensorRT raises (out of memory, bindings): per engine
+            reason = str(exc) if isinstance(exc, ModelError) else f"TensorRT raised {_short(exc)}"
+            engines[precision] = {"file": None, "status": "failed", "reason": reason, "size_bytes": None}
+            log.warning("x trt-%s failed: %s", precision, reason)
+    return {"engines": engines, "capabilities": caps, **device_facts(trt, device_index)}
 
 
 # ----------------------------------------------------------------------------- run
 class EngineRunner:
     """Deserialize a plan and run it with torch CUDA tensors as I/O buffers
-    (``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a non-default stream)."""
+    (``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a non-default stream).
+
+    ``device`` (``cuda`` or ``cuda:N``) is honoured throughout: the engine is deserialized, its
+    context created and every call run with that device current. :meth:`run` is synchronous (it
+    waits for the stream), so timing the call times the engine; ``stream`` is exposed for callers
+    that record CUDA events themselves."""
 
     def __init__(self, plan_path: str | os.PathLike, check_manifest: bool = True, device: str = "cuda"):
         import torch
@@ -304,22 +341,33 @@ class EngineRunner:
         self.path = Path(plan_path)
         if not self.path.is_file():
             raise ModelError(f"TensorRT engine not found: {self.path} (run `python onnx_tensorrt.py` on a GPU machine)")
-        if check_manifest:
-            check_compatible(self.path, device_facts(trt))
         self.device = torch.device(device)
-        self._logger = _Logger(trt)
-        self.runtime = trt.Runtime(self._logger)
+        self.index = self.device.index if self.device.index is not None else 0
+        if check_manifest:
+            check_compatible(self.path, device_facts(trt, self.index))
+        with torch.cuda.device(self.index):
+            self._open(trt)
+            self.stream = torch.cuda.Stream(device=self.device)
+
+    def _open(self, trt) -> None:
+        self.runtime = trt.Runtime(process_logger(trt))
+        if self.runtime is None:
+            raise ModelError(f"{self.path}: TensorRT cannot create a runtime on {self.device}")
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise ModelError(f"{self.path}: TensorRT cannot deserialize this engine (corrupt file, or built by "
                              "another TensorRT version/GPU); rebuild with `python onnx_tensorrt.py --force`")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(device=self.device)
+        if self.context is None:  # the bindings return None when the activation memory cannot be allocated
+            raise ModelError(f"{self.path}: TensorRT cannot create an execution context on {self.device} "
+                             f"(needs {engine_device_memory(self.engine) or '?'} bytes of device memory; "
+                             "out of GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n in names if n not in self.input_names)
         self.dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self.profile = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.input_names}
+        self.device_memory_bytes = engine_device_memory(self.engine)
 
     def _torch_dtype(self, dt):
         import torch
@@ -334,6 +382,15 @@ class EngineRunner:
             raise ModelError(f"{self.path}: unsupported I/O tensor type {dt}")
         return table[dt]
 
+    def accepts(self, shape: Sequence[int]) -> Optional[str]:
+        """None when a (batch, sequence) input fits the engine's profile, else why not."""
+        for name in self.input_names:
+            lo, _, hi = self.profile[name]
+            if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return (f"shape {'x'.join(map(str, shape))} is outside the engine's profile "
+                        f"{'x'.join(map(str, lo))}..{'x'.join(map(str, hi))} (rebuild with larger --trt-max-shapes)")
+        return None
+
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
@@ -341,16 +398,16 @@ class EngineRunner:
         if missing:
             raise ModelError(f"{self.path.name} needs input(s) {', '.join(missing)} that the batch lacks")
         keep = []
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.index), torch.cuda.stream(self.stream):
             for name in self.input_names:
                 arr = np.ascontiguousarray(batch[name])
-                lo, _, hi = self.profile[name]
-                if not all(a <= s <= b for a, s, b in zip(lo, arr.shape, hi)):
-                    raise ModelError(f"input {name} shape {tuple(arr.shape)} is outside the engine's profile "
-                                     f"{tuple(lo)}..{tuple(hi)}; rebuild with larger --trt-max-shapes")
+                why = self.accepts(arr.shape)
+                if why:
+                    raise ModelError(f"input {name}: {why}")
                 t = torch.from_numpy(arr).to(self.device, dtype=self.dtypes[name], non_blocking=True)
                 keep.append(t)
-                self.context.set_input_shape(name, tuple(t.shape))
+                if self.context.set_input_shape(name, tuple(t.shape)) is False:
+                    raise ModelError(f"{self.path.name}: TensorRT refused input shape {tuple(t.shape)} for {name}")
                 self.context.set_tensor_address(name, t.data_ptr())
             outputs = {}
             for name in self.output_names:
@@ -360,6 +417,19 @@ class EngineRunner:
                 self.context.set_tensor_address(name, out.data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise ModelError(f"{self.path.name}: TensorRT execution failed")
+            logits = outputs.get("logits", next(iter(outputs.values()))).float().to("cpu", non_blocking=True)
         self.stream.synchronize()
-        logits = outputs.get("logits", next(iter(outputs.values())))
-        return logits.float().cpu().numpy()
+        return logits.numpy()
+
+
+def engine_device_memory(engine) -> Optional[int]:
+    """The engine's own activation (scratch) memory in bytes: what TensorRT allocates for a context
+    outside torch's allocator (``device_memory_size_v2`` in TensorRT >= 10.1, else the older name)."""
+    for attr in ("device_memory_size_v2", "device_memory_size"):
+        value = getattr(engine, attr, None)
+        if value is not None and not callable(value):
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                continue
+    return None

@@ -1,8 +1,8 @@
 """The two fine-tuning stages: the FP32 baseline (benchmark.py) and mixed precision."""
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import time
 
 from . import artifacts
@@ -37,8 +37,8 @@ def run_training(cfg: TrainConfig, stage: str) -> StageResult:
 
 
 def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResult:
+    from . import checkpoints, distributed, modeling, tracking, training
     from . import data as data_mod
-    from . import distributed, modeling, training
 
     directory = artifacts.stage_dir(cfg.output_dir, stage)
     key = {"stage": stage, **result_config(cfg)}
@@ -49,10 +49,10 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
     current = distributed.broadcast_object(ctx, current)  # rank 0's view decides for every rank
     if current:
         return _skip_result(stage, directory, current, start)
-    if ctx.is_main:
-        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
-        artifacts.clear_dir(directory)
-    distributed.barrier(ctx)
+    # bad data fails here, before the stage directory is touched (nothing written, nothing cleared)
+    splits = data_mod.load_splits_for(cfg.to_dict())
+    spec = task_spec(cfg, splits)
+    resume_from = _prepare_dir(cfg, directory, fp, ctx)
     with stage_logging(stage, directory if ctx.is_main else None):
         print_config(stage, cfg)
         device = ctx.device if ctx.enabled else training.resolve_device(cfg.device)
@@ -66,16 +66,16 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         if plan.autocast_dtype is not None:
             log.info("precision: %s autocast on %s (%s)", plan.name, device, plan.reason)
 
-        splits = data_mod.load_splits_for(cfg.to_dict())
         log.info("data: %s, %d train / %d eval rows, labels %s%s", splits.source, len(splits.train),
                  len(splits.eval), splits.label_names, " (eval carved from train)" if splits.eval_carved else "")
-        spec = task_spec(cfg, splits)
+        log_task(spec, splits)
         tokenizer = modeling.load_tokenizer(cfg.model)
         training.seed_everything(cfg.seed)
         model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names,
                                     problem_type=None if spec.plain else PROBLEM_TYPES[spec.task])
         modeling.check_max_length(cfg.max_length, model)
         counts = modeling.freeze_layers(model, cfg.freeze_layers)
+        cfg = modeling.resolve_lr(cfg, model)
         model.to(device)
 
         with_tt = modeling.uses_token_type_ids(model)
@@ -105,8 +105,13 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         if ctx.enabled:
             log.info("data parallel: %d processes x batch %d x grad-accum %d = global batch %d (%s)",
                      ctx.world_size, cfg.batch_size, cfg.grad_accum_steps, summary["global_batch_size"], ctx.backend)
-        result = training.train(distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan,
-                                dist_ctx=ctx if ctx.enabled else None, spec=spec)
+        dist_ctx = ctx if ctx.enabled else None
+        result = training.train(
+            distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan, dist_ctx=dist_ctx,
+            checkpointer=checkpoints.Checkpointer(checkpoints.root(directory), fp, cfg.save_total_limit, dist_ctx),
+            resume_from=resume_from,
+            tensorboard_dir=directory / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None,
+            spec=spec)
         distributed.barrier(ctx)  # every rank has finished before rank 0 writes anything
         if not ctx.is_main:
             distributed.barrier(ctx)  # ... and stays until rank 0 has written the stage directory
@@ -122,11 +127,13 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         artifacts.write_manifest(
             directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
             inputs={"model": cfg.model, "dataset": splits.source},
-            outputs=artifacts.list_files(directory), metrics=metrics,
+            outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
+            metrics=metrics, resumed=bool(metrics["resumed_from"]),
             data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
                   **data_record(cfg, splits, spec)},
             reason=plan.reason if plan.autocast_dtype is not None else None,
         )
+        shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
         distributed.barrier(ctx)
     return StageResult(stage, "ok", time.perf_counter() - start,
                        f"{_best_line(metrics)}, {metrics['samples_per_s']} samples/s", str(directory))
@@ -139,19 +146,45 @@ def _best_line(metrics: dict) -> str:
 
 
 def task_spec(cfg: TrainConfig, splits) -> TaskSpec:
-    """The task, its metric (printed with the reason) and class weights for this run."""
+    """The task, its metric (with the reason it was chosen) and class weights for this run."""
     metric, why = resolve_metric(cfg.metric, splits.task, splits.train.labels, splits.num_labels, splits.is_pair)
     weights = class_weights(cfg.class_weights, splits.train.labels, splits.num_labels, splits.task)
-    log.info("task: %s%s, %d label(s); metric: %s (%s)%s", splits.task, " (sentence pairs: "
-             + " + ".join(splits.text_columns) + ")" if splits.is_pair else "", splits.num_labels, metric, why,
-             f"; class weights {weights}" if weights else "")
-    return TaskSpec(splits.task, list(splits.label_names), metric, cfg.threshold, weights)
+    return TaskSpec(splits.task, list(splits.label_names), metric, cfg.threshold, weights, why)
+
+
+def log_task(spec: TaskSpec, splits) -> None:
+    log.info("task: %s%s, %d label(s); metric: %s (%s)%s", spec.task, " (sentence pairs: "
+             + " + ".join(splits.text_columns) + ")" if splits.is_pair else "", splits.num_labels, spec.metric,
+             spec.why, f"; class weights {spec.class_weights}" if spec.class_weights else "")
 
 
 def data_record(cfg: TrainConfig, splits, spec: TaskSpec) -> dict:
     """What downstream stages need to score this model the same way (stored in the manifest)."""
     return {**spec.to_dict(), "text_columns": splits.text_columns, "pairs": splits.is_pair,
             "long_text": cfg.long_text, "stride": cfg.stride}
+
+
+def _prepare_dir(cfg: TrainConfig, directory, fp: str, ctx):
+    """Rank 0 clears the stage directory, keeping a checkpoint written with the same fingerprint
+    (and its TensorBoard curves) to resume from; every rank gets that checkpoint's path or None."""
+    from . import checkpoints, distributed, tracking
+    from .errors import ConfigError
+
+    found, problem = None, None
+    if ctx.is_main:
+        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
+        try:
+            found = None if cfg.force else checkpoints.find_resumable(directory, fp, required=cfg.resume)
+        except ConfigError as exc:
+            problem = str(exc)
+        if problem is None:
+            keep = ("stage.log", checkpoints.DIRNAME, tracking.SUBDIR) if found else ("stage.log",)
+            artifacts.clear_dir(directory, keep=keep)
+    found, problem = distributed.broadcast_object(ctx, (str(found) if found else None, problem))
+    if problem:
+        raise ConfigError(problem)
+    distributed.barrier(ctx)
+    return found
 
 
 def run_baseline(cfg: TrainConfig) -> StageResult:

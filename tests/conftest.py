@@ -78,11 +78,13 @@ def tiny_model_dir(tmp_path_factory, packaged_model_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> str:
     """train.tsv (400 rows) and dev.tsv (100 rows) of the separable task."""
-    d = tmp_path_factory.mktemp("tiny_data")
-    t, y = make_texts(400, seed=1)
-    write_table(d / "train.tsv", t, y)
-    t, y = make_texts(100, seed=2)
-    write_table(d / "dev.tsv", t, y)
+    return write_splits(tmp_path_factory.mktemp("tiny_data"), 400, 100)
+
+
+def write_splits(d: Path, n_train: int, n_eval: int) -> str:
+    """train.tsv and dev.tsv of the separable task in ``d``."""
+    for name, n, seed in (("train.tsv", n_train, 1), ("dev.tsv", n_eval, 2)):
+        write_table(d / name, *make_texts(n, seed=seed))
     return str(d)
 
 
@@ -104,3 +106,22 @@ def trained_tiny(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     result = run_baseline(tiny_train_config(tiny_model_dir, tiny_data_dir, out))
     assert result.status == "ok"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """A finished baseline stage dir holding the (untrained) tiny BERT: what the stage reads from
+    a trained source, without spending a minute of CPU on training."""
+    import shutil
+
+    from bertopt import artifacts
+    from bertopt.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("saved_models")
+    d = out / "baseline"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
+                      device="cpu")
+    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
+                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
+    return d

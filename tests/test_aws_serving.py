@@ -16,6 +16,7 @@ import pytest
 
 from test_aws_support import LABELS, tiny_stages, write_results
 
+from bertopt.aws.choice import resolve_model
 from bertopt.errors import ConfigError, MissingArtifact, PipelineError
 
 
@@ -140,9 +141,9 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     archive = served["archive"]
     assert archive.members == sorted([
         "code/bertopt_runtime/__init__.py", "code/bertopt_runtime/config.py", "code/bertopt_runtime/data.py",
-        "code/bertopt_runtime/errors.py", "code/bertopt_runtime/modeling.py", "code/bertopt_runtime/runtimes.py",
-            "code/bertopt_runtime/tasks.py",
-        "code/inference.py", "code/requirements.txt", "config.json", "model.onnx", "serving.json",
+        "code/bertopt_runtime/errors.py", "code/bertopt_runtime/families.py",
+        "code/bertopt_runtime/modeling.py", "code/bertopt_runtime/runtimes.py",
+        "code/bertopt_runtime/tasks.py", "code/inference.py", "code/requirements.txt", "config.json", "model.onnx", "serving.json",
         "tokenizer.json", "tokenizer_config.json"])
     with tarfile.open(archive.path) as tar:
         names = tar.getnames()
@@ -156,11 +157,11 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     assert runtimes_src == (root / "runtimes.py").read_bytes()
     assert settings == {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
                         "model_file": "model.onnx", "label_names": LABELS, "max_length": 64, "max_batch": 8,
-                        "max_chars": 200, "device": "cpu"}
+                        "max_chars": 200, "batch_wait_ms": 2.0, "batch_max_texts": 64, "device": "cpu"}
     import onnxruntime
 
     assert f"onnxruntime=={onnxruntime.__version__}" in reqs.splitlines() and "--no-index" not in reqs
-    again = packaging.build_archive(packaging.resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
+    again = packaging.build_archive(resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
                                     cfg_for(tmp_path, saved, max_batch=8, max_chars=200), tmp_path / "again.tar.gz")
     assert again.sha256 == archive.sha256  # byte-for-byte reproducible
 
@@ -214,17 +215,17 @@ def test_vendor_wheels(tmp_path, saved):
     empty.mkdir()
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(empty))
     with pytest.raises(ConfigError, match="no .whl files"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
     other = tmp_path / "other"
     _fake_wheel(other, "flatbuffers", "25.1.1")
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(other))
     with pytest.raises(ConfigError, match=r"no wheel for onnxruntime==.*pip download"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
 
     wheels = tmp_path / "wheels"
     _fake_wheel(wheels, "onnxruntime", onnxruntime.__version__)
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(wheels))
-    info = packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
+    info = packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
     assert f"code/wheels/onnxruntime-{onnxruntime.__version__}-py3-none-any.whl" in info.members
     unpacked = packaging.extract_archive(info.path, tmp_path / "unpacked")
     reqs = (unpacked / "code" / "requirements.txt").read_text().splitlines()
@@ -242,36 +243,35 @@ def test_vendor_wheels(tmp_path, saved):
 
 # ----------------------------------------------------------------------------- model choice
 def test_resolve_model_sources(tmp_path, saved):
-    from bertopt.aws import packaging
 
     reports = tmp_path / "reports"
     with pytest.raises(PipelineError, match=r"results.json \(run `python compare.py` first, or choose the model"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "onnx")
-    choice = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+    choice = resolve_model(cfg_for(tmp_path, saved, model_path=None))
     assert (choice.variant, choice.backend, choice.path.name, choice.label_names, choice.max_length) == (
         "ort-fp32", "onnxruntime", "model.onnx", LABELS, 64)
     assert choice.origin.startswith("recommendation in")
     write_results(reports, saved, None)
     with pytest.raises(PipelineError, match="holds no recommendation.*--variant"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "tensorrt")
     with pytest.raises(PipelineError, match="TensorRT engine"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     onnx_dir = saved / "onnx" / "baseline"
     by_name = {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
                "device": "cpu", "path": None, "model_dir": str(onnx_dir), "onnx_variant": "fp32", "reason": "r"}
     write_results(reports, saved, by_name)  # a row naming its ONNX variant instead of the file
-    assert packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
+    assert resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
     write_results(reports, saved, {**by_name, "device": "cuda"})
     with pytest.raises(PipelineError, match="measured on cuda; deploy it on a GPU --instance-type"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, {**by_name, "path": str(onnx_dir / "model.int8.onnx")})
     with pytest.raises(MissingArtifact, match="model.int8.onnx .run `python onnx_tensorrt.py`"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
 
     def by_variant(v, **kw):
-        return packaging.resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
+        return resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
 
     assert by_variant("ort-fp32").path == saved / "onnx" / "baseline" / "model.onnx"
     assert by_variant("baseline:torch").backend == "torch"
@@ -284,7 +284,7 @@ def test_resolve_model_sources(tmp_path, saved):
     assert by_variant("fp16", instance_type="ml.g5.xlarge").precision == "fp16"
     with pytest.raises(MissingArtifact, match=r"pruned.*python prune.py"):
         by_variant("pruned:torch")
-    torch_dir = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
+    torch_dir = resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
     assert (torch_dir.backend, torch_dir.label_names) == ("torch", LABELS)
 
 
@@ -333,6 +333,29 @@ def test_local_endpoint_contract(served):
     assert status == 200 and len(json.loads(body)) == 1
     status, _, body = http(url, "/invocations", b'good film, really\n"bad, truly bad"\n', content_type="text/csv")
     assert status == 200 and len(json.loads(body)) == 2
+
+
+def test_local_endpoint_describes_what_it_serves_from(served):
+    """{"describe": true} (what the deploy's smoke test asks): the device and providers in use."""
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": true}')
+    info = json.loads(body)
+    assert status == 200 and info["device"] == "cpu" and info["backend"] == "onnxruntime"
+    assert info["providers"] == ["CPUExecutionProvider"] and info["variant"] == "ort-fp32"
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": false}')
+    assert status == 400 and "inputs" in json.loads(body)["error"]  # only the exact request describes
+
+
+def test_gpu_torch_archive_refuses_to_serve_from_the_cpu(saved, monkeypatch):
+    """A GPU archive on a host where torch sees no CUDA: model_fn fails (the endpoint never reports
+    healthy) instead of quietly serving from the CPU."""
+    import torch
+
+    from bertopt.aws.serving import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="serves from a GPU, but torch sees no CUDA device"):
+        inference._make_predictor(str(saved / "baseline"), {"backend": "torch", "device": "cuda"})
+    assert inference._make_predictor(str(saved / "baseline"), {"backend": "torch"}).device == "cpu"
 
 
 @pytest.mark.parametrize("body,ctype,accept,status,fragment", [
@@ -388,13 +411,36 @@ def test_local_endpoint_serves_a_torch_archive(tmp_path, saved):
         http(endpoint.url, "/ping", content_type=None)
 
 
-def test_bounded_load_test_has_no_errors(served):
-    """A short functional run of the load tester (the 30 s figures are in the issue note)."""
-    from bertopt.aws.loadtest import load_test
+def test_open_loop_load_test_is_bounded_and_loopback_only(served):
+    """A short functional run of the open-loop generator (the figures are in the issue note)."""
+    from bertopt.aws.loadtest import open_loop
 
-    result = load_test(served["endpoint"].url, clients=4, seconds=1.5)
-    assert result["requests"] > 0 and result["errors"] == 0, result
-    assert result["status_counts"] == {"200": result["requests"]}
+    result = open_loop(served["endpoint"].url, rate=40, seconds=1.0, clients=4)
+    assert result["requests"] == 40 and result["errors"] == 0, result
+    assert result["status_counts"] == {"200": 40} and result["p99_ms"] >= result["p50_ms"] > 0
+    with pytest.raises(ValueError, match="127.0.0.1 only"):
+        open_loop("http://10.0.0.1:8080", rate=1, seconds=1)
+
+
+def test_sweep_stops_at_the_first_failing_rate_and_refines(monkeypatch):
+    from bertopt.aws import loadtest
+
+    capacity = 300.0  # a fake server: p99 explodes above 300 requests/s
+    offered = []
+
+    def fake_step(url, rate, seconds, clients, texts_per_request):
+        offered.append(rate)
+        over = rate > capacity
+        return {"offered_rps": rate, "achieved_rps": capacity if over else rate, "errors": 0,
+                "p99_ms": 900.0 if over else 20.0}
+
+    monkeypatch.setattr(loadtest, "open_loop", fake_step)
+    res = loadtest.sweep("http://127.0.0.1:1", start_rate=100, factor=2, refine=2, p99_target_ms=100)
+    assert offered == [100, 200, 400, 300.0, 350.0]
+    assert res["best"]["offered_rps"] == 300.0 and res["requests_per_s_at_target"] == 300.0
+    assert [s["passed"] for s in res["steps"]] == [True, True, False, True, False]
+    assert not loadtest.passes({"errors": 1, "p99_ms": 1.0, "achieved_rps": 10, "offered_rps": 10}, 100)
+    assert not loadtest.passes({"errors": 0, "p99_ms": 1.0, "achieved_rps": 9, "offered_rps": 10}, 100)
 
 
 def test_aws_deploy_local_cli(tmp_path, saved, monkeypatch):
@@ -416,3 +462,135 @@ def test_aws_deploy_local_cli(tmp_path, saved, monkeypatch):
     assert code == 0 and seen == {"ping": 200, "invoke": 200}
     assert (tmp_path / "out" / "aws" / "local" / "model.tar.gz").is_file()
     assert not (tmp_path / "out" / "aws" / "deployment.json").exists()  # nothing deployed
+
+
+# --------------------------------------------------------------- micro-batching and /metrics
+def test_micro_batcher_combines_concurrent_requests_in_order(handler):
+    import threading
+
+    gate, runs = threading.Event(), []
+
+    def run(texts):
+        gate.wait(5)  # the first batch blocks until every request is queued
+        runs.append(list(texts))
+        return [t.upper() for t in texts]
+
+    batches = []
+    batcher = handler.MicroBatcher(run, max_texts=5, wait_ms=0, on_batch=lambda r, n: batches.append((r, n)))
+    results = {}
+
+    def call(i, texts):
+        results[i] = batcher.submit(texts)
+
+    threads = [threading.Thread(target=call, args=(0, ["a"]))]
+    threads[0].start()
+    while batcher._queue.qsize():  # the runner took request 0 and blocks in run()
+        pass
+    threads += [threading.Thread(target=call, args=(i, [f"t{i}", f"u{i}"])) for i in range(1, 5)]
+    for t in threads[1:]:
+        t.start()
+    while batcher._queue.qsize() < 4:
+        pass
+    gate.set()
+    for t in threads:
+        t.join(5)
+    batcher.close()
+    assert results == {0: ["A"], **{i: [f"T{i}", f"U{i}"] for i in range(1, 5)}}  # each caller its own slice
+    assert runs[0] == ["a"] and [len(r) for r in runs[1:]] == [4, 4]  # 2 requests of 2 texts fit in 5
+    assert batches == [(1, 1), (2, 4), (2, 4)]
+
+
+def test_micro_batcher_passes_model_errors_to_every_caller(handler):
+    def run(texts):
+        raise RuntimeError("model broke")
+
+    batcher = handler.MicroBatcher(run, max_texts=8, wait_ms=1)
+    with pytest.raises(RuntimeError, match="model broke"):
+        batcher.submit(["x"])
+    batcher.close()
+
+
+def test_batched_serving_matches_per_request_serving(served, model, handler):
+    """16 concurrent requests through the batching server answer what one-at-a-time serving does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert served["model"].batcher is not None and model.batcher is not None
+    texts = [f"film number {i} was {'great' if i % 2 else 'dreadful and long'}" for i in range(16)]
+    expected = [handler._predict([t], model)[0] for t in texts]
+    url = served["endpoint"].url
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: http(url, "/invocations", json.dumps({"inputs": t}).encode()), texts))
+    assert [a[0] for a in answers] == [200] * 16
+    got = [json.loads(a[2])[0] for a in answers]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    np.testing.assert_allclose([g["score"] for g in got], [e["score"] for e in expected], atol=1e-4)
+
+
+def test_metrics_endpoint_counts_requests_latency_and_batches(tmp_path, saved):
+    from bertopt.aws import local
+
+    archive, model_dir, handler, model = local.prepare_local(cfg_for(tmp_path, saved))
+    endpoint = local.LocalEndpoint(local.InvocationsApp(handler, model), "127.0.0.1", 0, threads=8).start()
+    try:
+        for _ in range(3):
+            assert http(endpoint.url, "/invocations", b'{"inputs": ["fine", "bad"]}')[0] == 200
+        assert http(endpoint.url, "/invocations", b'{"inputs": ')[0] == 400
+        status, ctype, text = http(endpoint.url, "/metrics", content_type=None)
+    finally:
+        endpoint.stop()
+        model.batcher.close()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert status == 200 and ctype.startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("bertopt_requests_total", (("status", "200"),))] == 3
+    assert samples[("bertopt_requests_total", (("status", "400"),))] == 1
+    assert samples[("bertopt_request_latency_seconds_count", ())] == 4
+    assert samples[("bertopt_batch_texts_sum", ())] == 6 and 1 <= samples[("bertopt_batch_texts_count", ())] <= 3
+    assert samples[("bertopt_batch_requests_sum", ())] == 3
+
+
+def test_thread_plan_container_env_and_cost():
+    from bertopt.aws import instances
+    from bertopt.aws.config import AwsDeployConfig
+    from bertopt.aws.deploy import container_env
+
+    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 2, 32)
+    assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
+    assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
+    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 1, 4)
+    env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
+                                        instance_type="ml.c5.2xlarge"), "us-east-1")
+    assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
+    serverless = container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
+    assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in serverless and serverless["BERTOPT_BATCH_WAIT_MS"] == "0"
+    # $0.1345/h at 100 requests/s: 360,000 requests an hour -> $0.3736 per million
+    assert instances.cost_per_million(100.0, "ml.m5.large") == pytest.approx(0.3736, abs=1e-4)
+    assert instances.cost_per_million(100.0, "ml.unknown") is None and instances.PRICES_AS_OF
+
+
+def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, monkeypatch):
+    """--compare with a one-step sweep (the real sweep is bounded the same way, only longer)."""
+    from bertopt.aws import loadcompare, loadtest
+
+    def one_step(url, **kw):
+        step = loadtest.open_loop(url, 20, 0.5, kw["clients"])
+        step["passed"] = loadtest.passes(step, kw["p99_target_ms"])
+        return {"steps": [step], "best": step, "requests_per_s_at_target": step["achieved_rps"]}
+
+    monkeypatch.setattr(loadcompare, "sweep", one_step)
+    out = tmp_path / "reports" / "loadtest.json"
+    code = loadtest.main(["--compare", "--model-path", str(saved / "onnx" / "baseline" / "model.onnx"), "--clients",
+                          "4", "--seconds", "0.5", "--p99-target-ms", "2000", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert code == 0 and res["schema"] == "bertopt.loadtest/1" and set(res["modes"]) == {"per-request", "micro-batching"}
+    for mode in res["modes"].values():
+        assert mode["steps"][0]["errors"] == 0 and mode["requests_per_s_at_target"] > 0
+    assert res["modes"]["micro-batching"]["at_2x_per_request"]["requests"] > 0
+    assert res["pricing"]["instance_type"] == "ml.m5.large" and res["pricing"]["as_of"]
+    assert res["cost_per_million"]["per-request"] > 0 and res["speedup"] > 0
+    ceiling = res["model_only"]  # the bare model at batch 1 and 32: the most batching can gain
+    assert ceiling["batch1_texts_per_s"] > 0 and ceiling["ratio"] == pytest.approx(
+        ceiling["batch32_texts_per_s"] / ceiling["batch1_texts_per_s"], abs=0.01)

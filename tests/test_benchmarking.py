@@ -251,3 +251,25 @@ def test_cpu_share_is_a_fraction():
     watch = bm.CpuShare.guard()
     sum(i * i for i in range(200000))  # our own work does not count
     assert 0.0 <= watch() <= 1.0
+
+
+def test_run_interleaved_stops_early_only_once_every_spread_is_within_tolerance():
+    def runner(ms_per_call):
+        clock, stats = FakeClock(), {}
+        calls = {n: iter(v) for n, v in ms_per_call.items()}
+
+        def task(name):
+            def go():
+                clock.now += next(calls[name]) / 1000
+            return go
+
+        times = bm.run_interleaved({n: task(n) for n in ms_per_call}, repeats=5, warmup=0, clock=clock,
+                                   stats=stats, min_repeats=3, tolerance=0.05)
+        return times, stats
+
+    times, stats = runner({"a": [10, 10.1, 10.2, 50, 50], "b": [20, 20, 20.3, 90, 90]})
+    assert stats["rounds"] == 3 and len(times["a"]) == len(times["b"]) == 3  # stable: stop at the minimum
+    times, stats = runner({"a": [10, 10, 10, 10, 10], "b": [20, 30, 20, 20, 20]})
+    assert stats["rounds"] == 5 and times["b"] == pytest.approx([0.02, 0.03, 0.02, 0.02, 0.02])  # b is noisy
+    times, stats = runner({"a": [10, 10, 10, 10, 10], "b": [20, 20, 20, 20, 20]})
+    assert bm.relative_spread(times["a"]) == pytest.approx(0.0) and bm.relative_spread([]) == float("inf")

@@ -176,3 +176,82 @@ def test_main_stops_at_first_failing_stage(monkeypatch, capsys, tmp_path):
     assert calls == []
     captured = capsys.readouterr()
     assert "error: the data is bad" in captured.err and "pipeline failed" in captured.out
+
+
+# ----------------------------------------------------------------------------- the flag namespace
+def test_a_flag_defined_twice_with_another_meaning_is_an_error():
+    import argparse
+
+    from bertopt import cli
+
+    parser = cli.new_parser("x")
+    cli.add(parser, "--budget", type=float, help="one thing")
+    cli.add(parser, "--budget", type=float, help="one thing")  # the same meaning: shared, added once
+    with pytest.raises(cli.FlagConflict, match="--budget"):
+        cli.add(parser, "--budget", type=float, help="another thing")
+    with pytest.raises(cli.FlagConflict):
+        cli.add(parser, "--budget", type=int, help="one thing")
+    assert isinstance(parser.parse_args(["--budget", "0.5"]), argparse.Namespace)
+
+
+def test_every_parser_builds_and_budgets_have_distinct_names():
+    import compare
+    import onnx_tensorrt
+
+    import main as main_script
+    from bertopt.compare.config import CompareConfig
+    from bertopt.onnx_stage import OnnxConfig
+
+    parser = main_script.build_parser()  # every stage's flags in one namespace: no FlagConflict
+    ns = parser.parse_args(["--accuracy-budget", "0.02", "--onnx-accuracy-budget", "0.03"])
+    assert ns.accuracy_budget == 0.02 and ns.onnx_accuracy_budget == 0.03
+    from bertopt.stages import by_name
+
+    assert by_name()["onnx_tensorrt"].build_config(ns).onnx_accuracy_budget == 0.03
+    assert by_name()["compare"].build_config(ns).accuracy_budget == 0.02
+    assert {"onnx_accuracy_budget"} <= {f for f in OnnxConfig.__dataclass_fields__}
+    assert "accuracy_budget" not in OnnxConfig.__dataclass_fields__ and "accuracy_budget" in CompareConfig.__dataclass_fields__
+    for script in (compare, onnx_tensorrt):
+        with pytest.raises(SystemExit) as e:
+            script.main(["--help"])
+        assert e.value.code == 0
+
+
+def test_old_or_abbreviated_spellings_fail_with_one_line(capsys):
+    import onnx_tensorrt
+
+    import main as main_script
+
+    assert onnx_tensorrt.main(["--accuracy-budget", "0.02"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --accuracy-budget is now --onnx-accuracy-budget"
+    assert onnx_tensorrt.main(["--variant", "int8"]) == 1
+    assert "--variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no prefix matching: --sweep-b is not --sweep-batches
+        main_script.build_parser().parse_args(["--sweep-b", "1"])
+
+
+def test_help_defaults_come_from_the_dataclasses(monkeypatch, capsys):
+    import dataclasses
+
+    import onnx_tensorrt
+    from bertopt.onnx_stage import OnnxConfig
+
+    field = {f.name: f for f in dataclasses.fields(OnnxConfig)}["int4_block_size"]
+    monkeypatch.setattr(field, "default", 64)
+    with pytest.raises(SystemExit):
+        onnx_tensorrt.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "INT4 quantization block size (default: 64)" in out
+
+
+def test_main_applies_each_stages_pipeline_defaults():
+    import main as main_script
+    from bertopt.stages import by_name
+
+    parser = main_script.build_parser()
+    ns = parser.parse_args([])
+    applied = main_script._apply_defaults(parser, ns, by_name()["compare"].pipeline_defaults(ns, {"compare"}))
+    assert applied == ["--protocol fast"] and by_name()["compare"].build_config(ns).protocol()["name"] == "fast"
+    ns = parser.parse_args(["--protocol", "full"])
+    assert main_script._apply_defaults(parser, ns, {"protocol_name": "fast"}) == [] and ns.protocol_name == "full"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bertopt import artifacts
-from bertopt import compare_stage as cs
+from bertopt import compare as cs
 from bertopt.errors import ConfigError, MissingArtifact
 
 
@@ -312,7 +312,7 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     assert manifest["stage"] == "compare" and manifest["status"] == "ok"
 
     # unchanged inputs and config: up to date (re-renders, does not re-measure)
-    from bertopt.compare_stage import CompareConfig, run
+    from bertopt.compare import CompareConfig, run
 
     cfg = CompareConfig(output_dir=str(tiny_pipeline), reports_dir=str(reports), quick=True, quiet=True,
                         sweep_batches="1,8", sweep_seqs="16,256", latency_requests=9, threads=1)

@@ -171,22 +171,6 @@ def onnx_config(output_dir, **kw):
     return OnnxConfig(output_dir=str(output_dir), quiet=True, calibration_samples=64, **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny_baseline(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
-    """A finished baseline stage dir holding the (untrained) tiny BERT: what the stage reads from
-    a trained source, without spending a minute of CPU on training."""
-    from bertopt.config import TrainConfig
-
-    out = tmp_path_factory.mktemp("saved_models")
-    d = out / "baseline"
-    shutil.copytree(tiny_model_dir, d)
-    cfg = TrainConfig(model=tiny_model_dir, dataset=tiny_data_dir, output_dir=str(out), max_length=64, seed=0,
-                      device="cpu")
-    artifacts.write_manifest(d, stage="baseline", status="ok", config=cfg.to_dict(), fingerprint="test",
-                             outputs=artifacts.list_files(d), metrics={"best_eval_accuracy": 0.5})
-    return d
-
-
 @pytest.fixture()
 def stage_out(tmp_path, tiny_baseline) -> Path:
     """A private output dir holding a copy of the tiny baseline (the stage writes beside it)."""
@@ -207,8 +191,10 @@ def test_stage_builds_every_variant_with_manifest(stage_out):
     assert manifest["stage"] == "onnx" and manifest["status"] == "ok"
     m = manifest["metrics"]
     assert m["source"] == "baseline" and m["label_names"] == ["negative", "positive"]
-    assert set(m["variants"]) == {"fp32", "opt", "int8", "int4", "fp16", "qdq"}
+    assert set(m["variants"]) == {"fp32", "opt", "int8", "int4", "fp16", "qdq", "ov-fp32", "ov-int8"}
     for name, v in m["variants"].items():
+        if v["backend"] == "openvino":  # optional extra: covered by tests/test_openvino.py
+            continue
         assert set(v) >= {"file", "precision", "status", "reason", "size_bytes", "devices", "parity", "accuracy",
                           "accuracy_delta"}, name
         assert (d / v["file"]).stat().st_size == v["size_bytes"]
@@ -287,7 +273,7 @@ def test_decide_status():
 @pytest.mark.parametrize("kwargs, text", [
     ({"opset": 13}, "--opset"),
     ({"variants": "opt,int3"}, "--variants"),
-    ({"accuracy_budget": -0.1}, "--accuracy-budget"),
+    ({"onnx_accuracy_budget": -0.1}, "--onnx-accuracy-budget"),
     ({"int4_block_size": 24}, "--int4-block-size"),
     ({"calibration_method": "mse"}, "--calibration-method"),
     ({"trt_min_shapes": "9x1"}, "min <= opt <= max"),
@@ -307,7 +293,7 @@ def test_script_help_and_error_exit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         onnx_tensorrt.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--accuracy-budget" in capsys.readouterr().out
+    assert "--onnx-accuracy-budget" in capsys.readouterr().out
     assert onnx_tensorrt.main(["--output-dir", str(tmp_path), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "error: missing input" in err and "python benchmark.py" in err and "Traceback" not in err

@@ -90,7 +90,9 @@ def sample_results(with_pruning=True) -> dict:
             "baseline": {"status": "ok", "precision": "fp32", "device": "cpu", "train_time_s": 100.0,
                          "samples_per_s": 50.0, "peak_memory_mb": 1500, "peak_memory_kind": "process RSS",
                          "best_eval_accuracy": 0.91, "train_rows": 12000, "parameters": 22_700_000,
-                         "loss_curve": [{"step": 20 * i, "loss": 0.7 / (1 + i)} for i in range(1, 12)]},
+                         "loss_curve": [{"step": 20 * i, "loss": 0.7 / (1 + i)} for i in range(1, 12)],
+                         "eval_curve": [{"step": 100 * i, "eval_accuracy": a} for i, a in
+                                        enumerate((0.8, 0.91, 0.9), start=1)], "best_step": 200},
             "mixed_precision": {"status": "skipped", "reason": "CPU has no native bf16 math"},
             "pruned": {"status": "ok", "precision": "fp32", "device": "cpu", "train_time_s": 70.0,
                        "samples_per_s": 75.0, "peak_memory_mb": 1200, "best_eval_accuracy": 0.89,
@@ -339,3 +341,45 @@ def test_fusion_table_says_which_wins_where():
     html = report.render_html(res)
     assert "Graph fusion: which wins where" in html and "0.80×" in html and "1.25×" in html
     assert report.fusion_table(sample_results()) is None  # no ort-fp32 sweep: no table
+
+
+def test_report_shows_the_serving_load_test_when_present(tmp_path):
+    """reports/loadtest.json (python -m bertopt.aws.loadtest --compare) becomes its own section."""
+    path = write(tmp_path, sample_results())
+    assert '<section id="serving">' not in report.render_report(path).read_text()
+    (tmp_path / report.LOADTEST_FILE).write_text("{not json")  # unreadable: the report still renders
+    assert '<section id="serving">' not in report.render_report(path).read_text()
+
+    def mode(rps, p99):
+        best = {"offered_rps": rps, "achieved_rps": rps, "p50_ms": 9.0, "p99_ms": p99, "errors": 0}
+        return {"requests_per_s_at_target": rps, "best": best, "steps": [best], "other_cpu_share": 0.02}
+
+    batching = mode(520.0, 41.0)
+    batching["at_2x_per_request"] = {"offered_rps": 420.0, "achieved_rps": 419.5, "p99_ms": 30.5, "errors": 0}
+    (tmp_path / report.LOADTEST_FILE).write_text(json.dumps({
+        "schema": "bertopt.loadtest/1", "created": "2026-12-02T08:00:00+0000", "model_path": "model.int8.onnx",
+        "machine": {"vcpus": 2}, "protocol": {"clients": 16, "seconds_per_step": 4, "p99_target_ms": 100,
+                                             "pass": "0 errors"},
+        "modes": {"per-request": mode(210.0, 88.0), "micro-batching": batching}, "speedup": 2.48,
+        "pricing": {"instance_type": "ml.m5.large", "note": "measured here", "source": "pinned 2025-10"},
+        "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072},
+        "model_only": {"threads": 2, "batch1_texts_per_s": 803.0, "batch32_texts_per_s": 1530.0, "ratio": 1.91}}))
+    html = report.render_report(path).read_text()
+    section = html[html.index('<section id="serving">'):]
+    section = section[:section.index("</section>")]
+    assert "2.48× the requests/s" in section and "at p99 30.5 ms" in section and "pinned 2025-10" in section
+    rows = re.findall(r"<tr><td class=\"l\">([a-z-]+)</td><td>([\d.]+)</td>", section)
+    assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
+    assert "0.178" in section and "0.072" in section
+    assert "runs 803 texts/s" in section and "1530 texts/s in batches of 32: 1.91×" in section
+
+
+def test_training_curves_show_eval_accuracy_per_step():
+    from bertopt.report import plots
+
+    res = sample_results()
+    with_eval = plots.loss_curves(res)
+    assert "eval accuracy %" in with_eval and "training loss" in with_eval
+    res["training"]["baseline"].pop("eval_curve")
+    without = plots.loss_curves(res)
+    assert "training loss" in without and "eval accuracy %" not in without

@@ -97,3 +97,53 @@ def test_stride_too_large_is_a_config_error():
 
     with pytest.raises(ConfigError, match="--stride"):
         TrainConfig(max_length=64, stride=64)
+
+
+# ----------------------------------------------------------------------------- bad input at the CLI
+def _cli_error(capsys, argv):
+    import benchmark
+
+    code = benchmark.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _bad_mixed_types(d):
+    texts, labels = make_texts(30)
+    labels = [str(y) if i % 3 else ["a", "b"][y] + ".5" for i, y in enumerate(labels)]
+    (d / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    return "mixed types"
+
+
+def _bad_pair_missing(d):
+    _pairs_file(d / "train.tsv")
+    (d / "dev.tsv").write_text("Quality\t#1 String\n1\ta b c\n0\td e f\n")
+    return "no column '#2 String'"
+
+
+def _bad_unknown_multilabel(d):
+    texts, _ = make_texts(30)
+    rows = [f'{t}\t["sports", "{"news" if i % 2 else "tech"}"]' for i, t in enumerate(texts)]
+    (d / "train.tsv").write_text("text\tlabels\n" + "\n".join(rows) + "\n")
+    (d / "dev.tsv").write_text('text\tlabels\nsome text\t["sports", "weather"]\n')
+    return "'weather', which no train row has"
+
+
+@pytest.mark.parametrize("make", [_bad_mixed_types, _bad_pair_missing, _bad_unknown_multilabel])
+def test_bad_data_is_one_line_exit_1_nothing_written(capsys, tmp_path, tiny_model_dir, make):
+    d = tmp_path / "data"
+    d.mkdir()
+    needle = make(d)
+    out = tmp_path / "out"
+    line = _cli_error(capsys, ["--model", tiny_model_dir, "--dataset", str(d), "--output-dir", str(out), "--quiet"])
+    assert needle in line
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_stride_not_below_max_length_at_the_cli(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    out = tmp_path / "out"
+    line = _cli_error(capsys, ["--model", tiny_model_dir, "--dataset", tiny_data_dir, "--output-dir", str(out),
+                               "--long-text", "chunk", "--max-length", "32", "--stride", "32", "--quiet"])
+    assert "--stride" in line and not out.exists()

@@ -1,10 +1,11 @@
 """aws_cleanup.py: delete what aws_deploy.py created, in dependency order, idempotently.
 
-Order: endpoint (wait until gone) -> endpoint config -> model -> the endpoint's CloudWatch log group
--> ECR repository (with its images) -> uploaded S3 objects -> the bucket (only if the deploy created
-it and it is then empty). Resources come from deployment.json, ``--endpoint-name`` /
-``--repository-name`` and, with ``--all``, the ``bertopt:project`` tag. Nothing without that tag is
-ever deleted (a log group counts as tagged when its endpoint is). "Not found" counts as done.
+Order: the Application Auto Scaling target (deregistered first) -> CloudWatch alarms -> endpoint
+(wait until gone) -> endpoint config -> model -> the endpoint's CloudWatch log group -> ECR repository
+(with its images) -> uploaded S3 objects -> the bucket (only if the deploy created it and it is then
+empty). Resources come from deployment.json, ``--endpoint-name`` / ``--repository-name`` and, with
+``--all``, the ``bertopt:project`` tag. Nothing without that tag is ever deleted (a log group or a
+scalable target counts as tagged when its endpoint is). "Not found" counts as done.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .. import artifacts
 from ..cli import StageResult, print_config
 from ..errors import PipelineError
 from ..logs import stage_logging
+from . import operate
 from .config import LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsCleanupConfig
 from .record import ORDER, Deployment
 from .session import Aws, aws_error, error_code, error_message, is_not_found, wait
@@ -37,6 +39,7 @@ class Target:
     outcome: str = "pending"          # pending | deleted | already gone | failed | skipped | kept | would delete
     detail: str = ""
     links: dict = field(default_factory=dict)  # endpoint -> config name, config -> model names
+    optional: bool = False            # pulled in by its endpoint: dropped (not listed) when it does not exist
 
     @property
     def key(self) -> tuple:
@@ -81,6 +84,20 @@ def _inspect(aws: Aws, t: Target) -> Optional[dict]:
     if t.type == "model":
         t.arn = sm.describe_model(ModelName=t.name)["ModelArn"]
         return _sm_tags(aws, t.arn)
+    if t.type == "scalable-target":
+        found = aws.client("application-autoscaling").describe_scalable_targets(
+            ServiceNamespace=operate.NAMESPACE, ResourceIds=[t.name], ScalableDimension=operate.DIMENSION)
+        if not found.get("ScalableTargets"):
+            return None
+        t.arn = found["ScalableTargets"][0].get("ScalableTargetARN")
+        return {}  # ownership comes from the endpoint (see plan)
+    if t.type == "alarm":
+        cw = aws.client("cloudwatch")
+        alarms = cw.describe_alarms(AlarmNames=[t.name]).get("MetricAlarms", [])
+        if not alarms:
+            return None
+        t.arn = alarms[0]["AlarmArn"]
+        return _tags_dict(cw.list_tags_for_resource(ResourceARN=t.arn).get("Tags"))
     if t.type == "log-group":
         groups = aws.client("logs").describe_log_groups(logGroupNamePrefix=t.name).get("logGroups", [])
         if not any(g["logGroupName"] == t.name for g in groups):
@@ -108,12 +125,18 @@ def _inspect(aws: Aws, t: Target) -> Optional[dict]:
     raise ValueError(f"unknown resource type {t.type}")  # pragma: no cover
 
 
-def plan(aws: Aws, targets: list, verify_tags: bool = True, owned_endpoints=()) -> list:
-    """Inspect every target in deletion order: already gone / skipped (untagged) / pending. Tagged
-    endpoints pull in their config, models and log group; tagged configs their models. A log group
-    is ours when its endpoint is (tagged, or in ``owned_endpoints``: recorded in deployment.json)."""
-    from botocore.exceptions import ClientError
+# inspection order: an endpoint before what hangs on it (its scalable target, config, models, log group)
+INSPECT_ORDER = ("endpoint", "endpoint-config", "model", "scalable-target", "alarm", "log-group", "ecr-repository",
+                 "s3-object", "s3-bucket")
+ATTACHED = {"log-group": lambda name: name[len(LOG_GROUP_PREFIX):] if name.startswith(LOG_GROUP_PREFIX) else None,
+            "scalable-target": operate.endpoint_of}  # untaggable here: theirs is their endpoint's ownership
 
+
+def plan(aws: Aws, targets: list, verify_tags: bool = True, owned_endpoints=()) -> list:
+    """Inspect every target: already gone / skipped (untagged) / pending; return them in deletion
+    order. Tagged endpoints pull in their scalable target, config, models and log group; tagged configs
+    their models. A log group or scalable target is ours when its endpoint is (tagged, or in
+    ``owned_endpoints``: recorded in deployment.json)."""
     by_key = {}
     for t in targets:
         by_key.setdefault(t.key, t)
@@ -124,47 +147,58 @@ def plan(aws: Aws, targets: list, verify_tags: bool = True, owned_endpoints=()) 
         if t.key not in by_key:
             by_key[t.key] = t
 
-    for type_ in ORDER:
+    for type_ in INSPECT_ORDER:
         for t in [x for x in by_key.values() if x.type == type_]:
+            if verify_tags and not _plan_one(aws, t, owned_endpoints, add):
+                continue
             ordered.append(t)
-            if not verify_tags:
-                continue
-            try:
-                tags = _inspect(aws, t)
-            except ClientError as exc:
-                if is_not_found(exc):
-                    tags = None
-                else:
-                    t.outcome, t.detail = "failed", f"cannot inspect: {error_code(exc)}: {error_message(exc)}"
-                    continue
-            if tags is None:
-                t.outcome = "already gone"
-                continue
-            if t.type == "log-group":
-                endpoint = t.name[len(LOG_GROUP_PREFIX):] if t.name.startswith(LOG_GROUP_PREFIX) else None
-                if endpoint not in owned_endpoints:
-                    t.outcome, t.detail = "skipped", "its endpoint is not a bertopt endpoint"
-                continue
-            if tags.get(PROJECT_TAG) != PROJECT:
-                t.outcome, t.detail = "skipped", f"not tagged {PROJECT_TAG}={PROJECT}"
-                continue
-            if t.type == "endpoint":
-                owned_endpoints.add(t.name)
-                if t.links.get("config"):
-                    add(Target("endpoint-config", t.links["config"], source=f"endpoint {t.name}"))
-                add(Target("log-group", LOG_GROUP_PREFIX + t.name, source=f"endpoint {t.name}"))
-            elif t.type == "endpoint-config":
-                for m in t.links.get("models", []):
-                    add(Target("model", m, source=f"endpoint config {t.name}"))
-            if t.type == "ecr-repository" and t.links.get("images"):
-                t.detail = f"{t.links['images']} image(s)"
-    return ordered
+    return sorted(ordered, key=lambda t: ORDER.index(t.type))
+
+
+def _plan_one(aws: Aws, t: Target, owned_endpoints: set, add) -> bool:
+    """Inspect one target and set its outcome; False drops it (an optional target that does not exist)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        tags = _inspect(aws, t)
+    except ClientError as exc:
+        if not is_not_found(exc):
+            t.outcome, t.detail = "failed", f"cannot inspect: {error_code(exc)}: {error_message(exc)}"
+            return True
+        tags = None
+    if tags is None:
+        t.outcome = "already gone"
+        return not t.optional
+    if t.type in ATTACHED:
+        if ATTACHED[t.type](t.name) not in owned_endpoints:
+            t.outcome, t.detail = "skipped", "its endpoint is not a bertopt endpoint"
+        return True
+    if tags.get(PROJECT_TAG) != PROJECT:
+        t.outcome, t.detail = "skipped", f"not tagged {PROJECT_TAG}={PROJECT}"
+        return True
+    if t.type == "endpoint":
+        owned_endpoints.add(t.name)
+        if t.links.get("config"):
+            add(Target("endpoint-config", t.links["config"], source=f"endpoint {t.name}"))
+        add(Target("scalable-target", operate.resource_id(t.name), source=f"endpoint {t.name}", optional=True))
+        add(Target("log-group", LOG_GROUP_PREFIX + t.name, source=f"endpoint {t.name}"))
+    elif t.type == "endpoint-config":
+        for m in t.links.get("models", []):
+            add(Target("model", m, source=f"endpoint config {t.name}"))
+    if t.type == "ecr-repository" and t.links.get("images"):
+        t.detail = f"{t.links['images']} image(s)"
+    return True
 
 
 # ----------------------------------------------------------------------------------- deletion
 def _delete(aws: Aws, t: Target, timeout: float, poll: float) -> None:
     """Delete one resource; raises ClientError (not-found is handled by the caller)."""
-    if t.type == "endpoint":
+    if t.type == "scalable-target":  # also deletes its scaling policy (and the alarms target tracking made)
+        aws.client("application-autoscaling").deregister_scalable_target(
+            ServiceNamespace=operate.NAMESPACE, ResourceId=t.name, ScalableDimension=operate.DIMENSION)
+    elif t.type == "alarm":
+        aws.client("cloudwatch").delete_alarms(AlarmNames=[t.name])
+    elif t.type == "endpoint":
         aws.client("sagemaker").delete_endpoint(EndpointName=t.name)
         res = wait(aws, "endpoint_deleted", timeout=timeout, poll=poll, what=f"deleting endpoint {t.name}",
                    pending_states=("Failed",), EndpointName=t.name)
@@ -239,6 +273,11 @@ def discover_tagged(aws: Aws) -> list:
             for item in page.get(key, []):
                 if _sm_tags(aws, item[arn_key]).get(PROJECT_TAG) == PROJECT:
                     found.append(Target(type_, item[name_key], source="tag", arn=item[arn_key]))
+    cw = aws.client("cloudwatch")
+    for page in cw.get_paginator("describe_alarms").paginate(AlarmTypes=["MetricAlarm"]):
+        for alarm in page.get("MetricAlarms", []):
+            if _tags_dict(cw.list_tags_for_resource(ResourceARN=alarm["AlarmArn"]).get("Tags")).get(PROJECT_TAG) == PROJECT:
+                found.append(Target("alarm", alarm["AlarmName"], source="tag", arn=alarm["AlarmArn"]))
     ecr = aws.client("ecr")
     for page in ecr.get_paginator("describe_repositories").paginate():
         for repo in page.get("repositories", []):

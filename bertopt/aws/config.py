@@ -26,6 +26,10 @@ IMAGE_TAGS = {
     "gpu": "2.6.0-transformers5.5.3-gpu-py312-cu124-ubuntu22.04",
 }
 CONTAINER_PYTHON = "3.12"  # the DLC's Python: vendored wheels must fit it (cp312 / py3 / abi3)
+# The GPU image above is CUDA 12.4 + cuDNN 9. onnxruntime-gpu on PyPI is a CUDA 13 build from 1.27 on
+# (the machine's own version, e.g. 1.31, would not start its CUDA EP there and the endpoint would
+# serve from the CPU), so the GPU archive pins a CUDA 12.x / cuDNN 9 build for Python 3.12.
+GPU_ORT_REQUIREMENT = "onnxruntime-gpu==1.20.2"
 # ECR registry account of the Deep Learning Containers per region (763104351884 unless listed)
 DLC_STANDARD_ACCOUNT = "763104351884"
 DLC_STANDARD_REGIONS = (
@@ -43,6 +47,7 @@ DLC_OTHER_ACCOUNTS = {
     "cn-northwest-1": "727897471807",
 }
 SERVERLESS_MEMORY = (1024, 2048, 3072, 4096, 5120, 6144)
+TRAFFIC_MODES = ("all-at-once", "canary")
 GPU_INSTANCE_FAMILIES = ("ml.g", "ml.p")
 
 _ACCOUNT = re.compile(r"^\d{12}$")
@@ -121,10 +126,25 @@ class AwsDeployConfig(AwsConfig):
     local: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
-    local_threads: int = 4
+    local_threads: Optional[int] = None  # default: from the vCPUs (instances.thread_plan)
     smoke_test: bool = True
     max_batch: int = 64
     max_chars: int = 10000
+    batching: bool = True                # local server: micro-batch concurrent requests
+    batch_wait_ms: float = 2.0
+    batch_max_texts: int = 64
+    # blue/green update of the live endpoint
+    update: bool = False
+    traffic: str = "all-at-once"
+    canary_percent: int = 10
+    canary_wait: int = 300
+    # Application Auto Scaling (target tracking) and CloudWatch alarms
+    min_instances: Optional[int] = None
+    max_instances: Optional[int] = None
+    target_invocations: float = 100.0    # SageMakerVariantInvocationsPerInstance (per minute)
+    alarms: bool = False
+    alarm_p99_ms: float = 1000.0
+    alarm_5xx: int = 5                   # Invocation5XXErrors per minute
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -168,13 +188,46 @@ class AwsDeployConfig(AwsConfig):
             p.append(f"--vendor-wheels {self.vendor_wheels}: no such directory")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             p.append(f"--port must be 0..65535 (got {self.port!r})")
-        for name in ("local_threads", "max_batch", "max_chars"):
+        for name in ("local_threads", "max_batch", "max_chars", "batch_max_texts", "canary_wait", "alarm_5xx",
+                     "min_instances", "max_instances"):
             value = getattr(self, name)
+            if value is None and name in ("local_threads", "min_instances", "max_instances"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 p.append(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+        p += self._operate_problems()
         if not (self.s3_prefix or "").strip("/"):
             p.append("--s3-prefix must not be empty")
         return p
+
+    def _operate_problems(self) -> list[str]:
+        p = []
+        if not (isinstance(self.batch_wait_ms, (int, float)) and 0 <= self.batch_wait_ms <= 1000):
+            p.append(f"--batch-wait-ms must be 0..1000 ms (got {self.batch_wait_ms!r})")
+        if self.traffic not in TRAFFIC_MODES:
+            p.append(f"--traffic must be one of {', '.join(TRAFFIC_MODES)} (got {self.traffic!r})")
+        if not isinstance(self.canary_percent, int) or not 1 <= self.canary_percent <= 50:
+            p.append(f"--canary-percent must be 1..50 (got {self.canary_percent!r})")
+        if self.update and (self.prepare or self.finish or self.local):
+            p.append("--update replaces the model of the live endpoint; it does not combine with --prepare, "
+                     "--finish or --local")
+        if self.autoscaling:
+            if self.serverless:
+                p.append("--min-instances/--max-instances are for instance endpoints (serverless scales itself)")
+            lo, hi = self.min_instances or self.instance_count, self.max_instances or self.instance_count
+            if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+                p.append(f"--min-instances {lo} is above --max-instances {hi}")
+        if not (isinstance(self.target_invocations, (int, float)) and self.target_invocations > 0):
+            p.append(f"--target-invocations must be > 0 per instance and minute (got {self.target_invocations!r})")
+        if not (isinstance(self.alarm_p99_ms, (int, float)) and self.alarm_p99_ms > 0):
+            p.append(f"--alarm-p99-ms must be > 0 (got {self.alarm_p99_ms!r})")
+        if self.alarms and self.serverless:
+            p.append("--alarms watch instance endpoints' ModelLatency; not available with --serverless-memory")
+        return p
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_instances is not None or self.max_instances is not None
 
     @property
     def serverless(self) -> bool:
@@ -257,12 +310,37 @@ def add_deploy_args(parser) -> None:
             help="do not invoke the endpoint after it is InService")
     cli.add(g, "--max-batch", type=int, metavar="N", help="max texts per request (default: 64)")
     cli.add(g, "--max-chars", type=int, metavar="N", help="max characters per text (default: 10000)")
+    g = parser.add_argument_group("operate the endpoint (blue/green update, autoscaling, alarms)")
+    cli.add(g, "--update", action="store_true", default=None,
+            help="blue/green update of the live endpoint: new model + endpoint config, UpdateEndpoint, wait, "
+                 "smoke test, then delete the old model/config; on any failure it stays on the old config")
+    cli.add(g, "--traffic", choices=TRAFFIC_MODES,
+            help="--update traffic shifting: all-at-once (default) or canary (--canary-percent first)")
+    cli.add(g, "--canary-percent", type=int, metavar="P",
+            help="canary: share of the capacity that gets the new model first (default: 10)")
+    cli.add(g, "--canary-wait", type=int, metavar="S",
+            help="seconds between traffic shifts, watching the rollback alarms (default: 300)")
+    cli.add(g, "--min-instances", type=int, metavar="N",
+            help="autoscaling: register the variant with Application Auto Scaling (default min: --instance-count)")
+    cli.add(g, "--max-instances", type=int, metavar="N", help="autoscaling: most instances (default: --instance-count)")
+    cli.add(g, "--target-invocations", type=float, metavar="N",
+            help="autoscaling target: invocations per instance and minute (default: 100)")
+    cli.add(g, "--alarms", action="store_true", default=None,
+            help="create CloudWatch alarms on ModelLatency p99 and 5XX errors (tagged; rollback alarms of --update)")
+    cli.add(g, "--alarm-p99-ms", type=float, metavar="MS", help="ModelLatency p99 alarm threshold (default: 1000)")
+    cli.add(g, "--alarm-5xx", type=int, metavar="N", help="5XX errors per minute that raise the alarm (default: 5)")
     g = parser.add_argument_group("local endpoint (no AWS account needed)")
     cli.add(g, "--local", action="store_true", default=None,
             help="serve model.tar.gz locally over the SageMaker container contract (GET /ping, POST /invocations)")
     cli.add(g, "--host", metavar="ADDR", help="local endpoint address (default: 127.0.0.1)")
     cli.add(g, "--port", type=int, metavar="N", help="local endpoint port (default: 8080; 0 = any free port)")
-    cli.add(g, "--local-threads", type=int, metavar="N", help="local endpoint worker threads (default: 4)")
+    cli.add(g, "--local-threads", type=int, metavar="N",
+            help="local endpoint HTTP threads (default: from the vCPUs; 4 x vCPUs, at least 32, with batching)")
+    cli.add(g, "--no-batching", dest="batching", action="store_false", default=None,
+            help="local endpoint: run each request alone (default: micro-batch concurrent requests)")
+    cli.add(g, "--batch-wait-ms", type=float, metavar="MS",
+            help="micro-batching: wait up to MS for more requests after the first (default: 2)")
+    cli.add(g, "--batch-max-texts", type=int, metavar="N", help="micro-batching: most texts per batch (default: 64)")
 
 
 def add_cleanup_args(parser) -> None:

@@ -9,7 +9,6 @@ Every resource is tagged ``bertopt:project`` + ``bertopt:deployment-id`` and rec
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from .. import artifacts, logs
 from ..cli import StageResult, print_config
 from ..errors import MissingArtifact, PipelineError
 from ..logs import stage_logging
-from . import cleanup, packaging
+from . import cleanup, instances, operate, packaging, smoke
+from .choice import resolve_model
 from .config import (DEPLOYMENT_TAG, LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsDeployConfig, dlc_image_uri,
                      role_account)
 from .record import Deployment
@@ -29,13 +29,12 @@ from .session import Aws, aws_error, is_not_found, wait
 log = logging.getLogger("bertopt.aws.deploy")
 
 STAGE = "aws"
-SMOKE_TEXTS = ["A gripping, beautifully acted film that stays with you.",
-               "Dull, predictable and far too long.",
-               "The soundtrack is fine."]
 # fields that change what gets deployed (the skip fingerprint)
 RESULT_FIELDS = ("aws_region", "aws_account_id", "aws_role_arn", "endpoint_name", "variant", "model_path", "bucket",
                  "s3_prefix", "instance_type", "instance_count", "serverless_memory", "serverless_concurrency",
-                 "image_uri", "repository_name", "vendor_wheels", "prepare", "max_batch", "max_chars")
+                 "image_uri", "repository_name", "vendor_wheels", "prepare", "max_batch", "max_chars", "batching",
+                 "batch_wait_ms", "batch_max_texts", "min_instances", "max_instances", "target_invocations", "alarms",
+                 "alarm_p99_ms", "alarm_5xx")
 
 
 def tags(deployment_id: str) -> list:
@@ -118,11 +117,14 @@ def _check_previous(record: Optional[Deployment]) -> list:
         finish = " (or create its endpoint with `--finish`)" if record.status == "prepared" else ""
         raise PipelineError(f"{record.path} records deployment {record.id} (status {record.status}) whose resources "
                             f"may still exist ({names}{', ...' if len(blocking) > 4 else ''}); remove them first "
-                            f"with `python aws_cleanup.py`{finish}, or deploy with another --output-dir")
+                            f"with `python aws_cleanup.py`{finish}, replace its model with `python aws_deploy.py --update ...`, "
+                            "or deploy with another --output-dir")
     return [dict(e) for e in live]
 
 
-def _upload(aws: Aws, cfg: AwsDeployConfig, record: Deployment, archive, created: list) -> str:
+def _upload(aws: Aws, cfg: AwsDeployConfig, record: Deployment, archive, created: list, revision: str = "") -> str:
+    """Upload model.tar.gz (creating the bucket if needed); ``revision`` keeps an update's archive
+    beside the live one."""
     from botocore.exceptions import ClientError
 
     s3 = aws.client("s3")
@@ -152,7 +154,7 @@ def _upload(aws: Aws, cfg: AwsDeployConfig, record: Deployment, archive, created
         s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tag_list})
         bucket_created = True
         log.info("created S3 bucket %s", bucket)
-    key = f"{cfg.s3_prefix.strip('/')}/{record.id}/{packaging.ARCHIVE_NAME}"
+    key = "/".join(p for p in (cfg.s3_prefix.strip("/"), record.id, revision, packaging.ARCHIVE_NAME) if p)
     uri = f"s3://{bucket}/{key}"
     entry = record.add("s3-object", key, bucket=bucket, arn=f"arn:{aws.partition}:s3:::{bucket}/{key}")
     created.append(entry)
@@ -199,39 +201,51 @@ def _fail(aws, cfg, record, created, message: str) -> PipelineError:
     return PipelineError(f"{message}; rolled back everything this run created")
 
 
-def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_uri: str, created: list) -> dict:
-    """Create model -> endpoint config -> endpoint, wait for InService; returns describe_endpoint."""
-    from botocore.exceptions import BotoCoreError, ClientError
+def container_env(cfg: AwsDeployConfig, region: str) -> dict:
+    """The inference container's environment: handler, limits and, for a known instance type,
+    model-server workers and model threads from its vCPUs (instances.thread_plan)."""
+    env = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_REGION": region,
+           "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "BERTOPT_MAX_BATCH": str(cfg.max_batch),
+           "BERTOPT_MAX_CHARS": str(cfg.max_chars),
+           # the model server hands each worker one request at a time: micro-batching must not wait there
+           "BERTOPT_BATCH_WAIT_MS": "0"}
+    plan = None if cfg.serverless else instances.instance_plan(cfg.instance_type, gpu=cfg.gpu)
+    if plan:
+        env.update(plan.container_env())
+    elif not cfg.serverless:
+        log.warning("no vCPU count known for %s: the container keeps its default workers and threads",
+                    cfg.instance_type)
+    return env
 
+
+def create_model_steps(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_uri: str,
+                       stamp: str) -> tuple:
+    """(type, name, create call) for the model and the endpoint config of one revision."""
     sm = aws.client("sagemaker")
     tag_list = tags(record.id)
-    stamp = record.data["stamp"]
     model_name = config_name = f"{cfg.endpoint_name}-{stamp}"
-    endpoint = cfg.endpoint_name
-    env = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_REGION": aws.region,
-           "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "BERTOPT_MAX_BATCH": str(cfg.max_batch),
-           "BERTOPT_MAX_CHARS": str(cfg.max_chars)}
-    variant = {"VariantName": "AllTraffic", "ModelName": model_name}
+    variant = {"VariantName": operate.VARIANT, "ModelName": model_name}
     if cfg.serverless:
         variant["ServerlessConfig"] = {"MemorySizeInMB": cfg.serverless_memory,
                                        "MaxConcurrency": cfg.serverless_concurrency}
     else:
         variant.update(InstanceType=cfg.instance_type, InitialInstanceCount=cfg.instance_count,
                        InitialVariantWeight=1.0)
-    steps = (
+    env = container_env(cfg, aws.region)
+    return (
         ("model", model_name, lambda: sm.create_model(
             ModelName=model_name, ExecutionRoleArn=cfg.aws_role_arn, Tags=tag_list,
             PrimaryContainer={"Image": image, "ModelDataUrl": s3_uri, "Environment": env})["ModelArn"]),
         ("endpoint-config", config_name, lambda: sm.create_endpoint_config(
             EndpointConfigName=config_name, ProductionVariants=[variant], Tags=tag_list)["EndpointConfigArn"]),
-        ("endpoint", endpoint, lambda: sm.create_endpoint(
-            EndpointName=endpoint, EndpointConfigName=config_name, Tags=tag_list)["EndpointArn"]),
     )
-    record.update(status="creating", image=image, endpoint_name=endpoint,
-                  hosting={"serverless": cfg.serverless, "instance_type": None if cfg.serverless else cfg.instance_type,
-                           "instance_count": None if cfg.serverless else cfg.instance_count,
-                           "serverless_memory": cfg.serverless_memory,
-                           "serverless_concurrency": cfg.serverless_concurrency if cfg.serverless else None})
+
+
+def run_steps(record: Deployment, steps, created: list, on_fail) -> None:
+    """Record each resource, create it, mark it; a failed call raises ``on_fail(message)`` (which
+    rolls back)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     for type_, name, call in steps:
         entry = record.add(type_, name)
         created.append(entry)
@@ -239,9 +253,25 @@ def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_u
             arn = call()
         except (ClientError, BotoCoreError) as exc:
             record.mark(entry, "not-created")
-            raise _fail(aws, cfg, record, created, str(aws_error(exc, f"creating {type_} {name}"))) from None
+            raise on_fail(str(aws_error(exc, f"creating {type_} {name}"))) from None
         record.mark(entry, "created", arn=arn)
         log.info("created %s %s", type_, name)
+
+
+def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_uri: str, created: list) -> dict:
+    """Create model -> endpoint config -> endpoint, wait for InService; returns describe_endpoint."""
+    sm = aws.client("sagemaker")
+    endpoint = cfg.endpoint_name
+    steps = create_model_steps(aws, cfg, record, image, s3_uri, record.data["stamp"])
+    config_name = steps[1][1]
+    steps += (("endpoint", endpoint, lambda: sm.create_endpoint(
+        EndpointName=endpoint, EndpointConfigName=config_name, Tags=tags(record.id))["EndpointArn"]),)
+    record.update(status="creating", image=image, endpoint_name=endpoint,
+                  hosting={"serverless": cfg.serverless, "instance_type": None if cfg.serverless else cfg.instance_type,
+                           "instance_count": None if cfg.serverless else cfg.instance_count,
+                           "serverless_memory": cfg.serverless_memory,
+                           "serverless_concurrency": cfg.serverless_concurrency if cfg.serverless else None})
+    run_steps(record, steps, created, lambda msg: _fail(aws, cfg, record, created, msg))
     # SageMaker creates the endpoint's log group; record it so cleanup removes it too
     created.append(record.add("log-group", LOG_GROUP_PREFIX + endpoint, state="created", created_by="sagemaker"))
     res = wait(aws, "endpoint_in_service", timeout=cfg.wait_timeout, poll=cfg.poll_seconds,
@@ -262,31 +292,6 @@ def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_u
                                            f"{group}, kept for reading)")
 
 
-def smoke_test(aws: Aws, endpoint: str, label_names: list) -> list:
-    """Invoke the endpoint with a few sentences; PipelineError if the answer is not as specified."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        resp = aws.client("sagemaker-runtime").invoke_endpoint(
-            EndpointName=endpoint, ContentType="application/json", Accept="application/json",
-            Body=json.dumps({"inputs": SMOKE_TEXTS}).encode())
-        body = resp["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise aws_error(exc, f"invoking endpoint {endpoint}") from None
-    try:
-        preds = json.loads(body)
-        ok = (isinstance(preds, list) and len(preds) == len(SMOKE_TEXTS)
-              and all(p.get("label") in label_names and 0.0 <= float(p.get("score")) <= 1.0 for p in preds))
-    except (ValueError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise PipelineError(f"smoke test: endpoint {endpoint} answered {body[:200]!r}, expected "
-                            f"{len(SMOKE_TEXTS)} {{label, score}} predictions")
-    for text, p in zip(SMOKE_TEXTS, preds):
-        print(f"  {p['label']:>10s} {float(p['score']):.3f}  {text}")
-    return preds
-
-
 # ---------------------------------------------------------------------------------------- run
 def _new_record(directory: Path, cfg, aws: Aws, choice, archive, carried: list) -> Deployment:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -303,7 +308,10 @@ def _finish_result(cfg, aws, record, directory, fp, start, described, preds) -> 
                "region": aws.region, "status": described.get("EndpointStatus"), "variant": record.data["model"]["variant"],
                "image": record.data.get("image"), "s3_uri": record.data.get("s3_uri"),
                "archive_sha256": record.data["archive"]["sha256"], "hosting": record.data.get("hosting"),
-               "log_group": LOG_GROUP_PREFIX + cfg.endpoint_name, "smoke_test": preds}
+               "log_group": LOG_GROUP_PREFIX + cfg.endpoint_name, "smoke_test": preds,
+               "alarms": operate.live_alarms(record),
+               "autoscaling": [{k: e.get(k) for k in ("name", "min_capacity", "max_capacity", "target_invocations")}
+                               for e in record.live(("scalable-target",))]}
     record.update(status="in-service", endpoint_arn=described.get("EndpointArn"), smoke_test=preds)
     artifacts.write_manifest(directory, stage=STAGE, status="ok", config=cfg.to_dict(), fingerprint=fp,
                              outputs=[packaging.ARCHIVE_NAME, "deployment.json"], metrics=metrics)
@@ -327,7 +335,11 @@ def run(cfg: AwsDeployConfig, aws: Optional[Aws] = None) -> StageResult:
         print_config("aws_deploy", cfg)
         if cfg.finish:
             return _run_finish(cfg, directory, aws, start)
-        choice = packaging.resolve_model(cfg)
+        if cfg.update:
+            from .update import run_update
+
+            return run_update(cfg, directory, aws, start)
+        choice = resolve_model(cfg)
         log.info("model: %s (%s, %s) from %s", choice.variant, choice.backend, choice.precision, choice.origin)
         fp = fingerprint(cfg, choice)
         record = Deployment.load(directory)
@@ -369,20 +381,26 @@ def run(cfg: AwsDeployConfig, aws: Optional[Aws] = None) -> StageResult:
             print(f"prepared {s3_uri}; create the endpoint with `python aws_deploy.py --finish --aws-role-arn ...`")
             return StageResult("aws_deploy", "ok", time.perf_counter() - start, f"prepared {s3_uri}", str(directory))
         described = _create(aws, cfg, record, image, s3_uri, created)
-        preds = _smoke(cfg, aws, record, choice.label_names)
+        preds = _smoke_and_operate(cfg, aws, record, choice.label_names, created)
         return _finish_result(cfg, aws, record, directory, fp, start, described, preds)
 
 
-def _smoke(cfg, aws, record, label_names):
-    if not cfg.smoke_test:
-        return None
+def _smoke_and_operate(cfg, aws, record, label_names, created):
+    """Smoke-test the InService endpoint, then set up its alarms and autoscaling. A failure rolls
+    back everything this run created (``--keep-on-failure`` keeps it)."""
+    preds = None
+    if cfg.smoke_test:
+        try:
+            preds = smoke.smoke_test(aws, cfg.endpoint_name, label_names, smoke.serving_device(cfg))
+        except PipelineError as exc:
+            record.update(smoke_test={"error": str(exc)})
+            raise _fail(aws, cfg, record, created, f"endpoint {cfg.endpoint_name} is InService but the {exc} (logs: "
+                                                   f"CloudWatch log group {LOG_GROUP_PREFIX}{cfg.endpoint_name})") from None
     try:
-        return smoke_test(aws, cfg.endpoint_name, label_names)
+        operate.setup(aws, cfg, record, created, cfg.endpoint_name)
     except PipelineError as exc:
-        record.update(status="in-service", smoke_test={"error": str(exc)})
-        raise PipelineError(f"endpoint {cfg.endpoint_name} is InService but the {exc} (logs: CloudWatch log group "
-                            f"{LOG_GROUP_PREFIX}{cfg.endpoint_name}); it is running and billed - "
-                            "`python aws_cleanup.py` removes it") from None
+        raise _fail(aws, cfg, record, created, str(exc)) from None
+    return preds
 
 
 def _run_finish(cfg: AwsDeployConfig, directory: Path, aws: Optional[Aws], start: float) -> StageResult:
@@ -419,6 +437,6 @@ def _run_finish(cfg: AwsDeployConfig, directory: Path, aws: Optional[Aws], start
     _check_endpoint_absent(aws, cfg.endpoint_name)
     created: list = []
     described = _create(aws, cfg, record, image, s3_uri, created)
-    preds = _smoke(cfg, aws, record, record.data["model"]["label_names"])
+    preds = _smoke_and_operate(cfg, aws, record, record.data["model"]["label_names"], created)
     manifest = artifacts.read_manifest(directory) or {}
     return _finish_result(cfg, aws, record, directory, manifest.get("fingerprint", ""), start, described, preds)

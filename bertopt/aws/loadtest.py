@@ -1,7 +1,20 @@
-"""A bounded load test for an endpoint speaking the SageMaker container contract (the local
-endpoint): N concurrent keep-alive clients POST /invocations for a fixed time.
+"""Open-loop load tests of an endpoint speaking the SageMaker container contract (the local
+endpoint), bounded in request count and time, to 127.0.0.1 only by default.
 
-    python -m bertopt.aws.loadtest --url http://127.0.0.1:8080 --clients 8 --seconds 30
+Open loop: request i is due at ``start + i / rate`` whatever the server does; ``clients`` keep-alive
+connections send the requests (request i on connection i mod clients) as soon as they are due and
+the connection is free, and a request's latency runs from its *due* time. A server that falls behind
+therefore shows its queueing in the latency (a closed-loop client, which waits for each answer
+before sending the next request, hides it).
+
+    python -m bertopt.aws.loadtest --url http://127.0.0.1:8080 --rate 200 --seconds 10
+    python -m bertopt.aws.loadtest --url http://127.0.0.1:8080 --sweep --p99-target-ms 100
+    python -m bertopt.aws.loadtest --compare --model-path saved_models/onnx/baseline/model.int8.onnx
+
+``--compare`` starts the local endpoint twice from the same archive (per-request serving, then
+micro-batching), sweeps the arrival rate on each and writes ``reports/loadtest.json``: requests/s at
+the p99 target and cost per million requests on ``--instance-type`` (pinned price table,
+:mod:`bertopt.aws.instances`); compare.py's report shows it.
 """
 from __future__ import annotations
 
@@ -21,72 +34,167 @@ SENTENCES = [
     "an overlong mess with nothing to say", "the soundtrack is fine but the dialogue is wooden",
     "a moving, quietly funny story about growing up", "tedious from start to finish",
 ]
+MAX_REQUESTS = 200_000   # bound on one step, whatever rate x seconds asks for
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def load_test(url: str, clients: int = 8, seconds: float = 30.0, texts_per_request: int = 1,
-              timeout: float = 30.0) -> dict:
-    """Requests/s, latency percentiles (ms) and errors (non-200 answers or connection failures)."""
+def _check_url(url: str, allow_remote: bool = False):
     parts = urlsplit(url)
-    deadline = time.perf_counter() + seconds
-    latencies, statuses, errors, lock = [], {}, [], threading.Lock()
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--url {url!r}: expected http://HOST:PORT")
+    if parts.hostname not in LOOPBACK and not allow_remote:
+        raise ValueError(f"--url {url!r}: load tests send traffic to 127.0.0.1 only (--allow-remote overrides)")
+    return parts
+
+
+def _send(conn, texts):
+    body = json.dumps({"inputs": texts})
+    conn.request("POST", "/invocations", body=body,
+                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status == 200 and len(json.loads(data)) != len(texts):
+        return -1  # a wrong answer counts as an error
+    return resp.status
+
+
+def open_loop(url: str, rate: float, seconds: float, clients: int = 16, texts_per_request: int = 1,
+              timeout: float = 10.0, allow_remote: bool = False) -> dict:
+    """One constant-arrival-rate step: ``rate`` requests/s for ``seconds``. Requests still unsent
+    ``seconds + 2 * timeout`` after the start are dropped and counted as errors (bounded in time)."""
+    parts = _check_url(url, allow_remote)
+    n = min(MAX_REQUESTS, max(1, int(round(rate * seconds))))
+    latencies = np.full(n, np.nan)
+    status = np.zeros(n, dtype=np.int32)
+    errors: list = []
+    start = time.perf_counter() + 0.05
+    give_up = start + seconds + 2 * timeout
 
     def client(idx: int):
         conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-        i, mine, my_status = idx, [], {}
-        while time.perf_counter() < deadline:
+        for i in range(idx, n, clients):
+            due = start + i / rate
+            now = time.perf_counter()
+            if now > give_up:
+                status[i] = -3  # dropped: the server never caught up
+                continue
+            if due > now:
+                time.sleep(due - now)
             texts = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(texts_per_request)]
-            i += 1
-            body = json.dumps({"inputs": texts})
-            t0 = time.perf_counter()
             try:
-                conn.request("POST", "/invocations", body=body,
-                             headers={"Content-Type": "application/json", "Accept": "application/json"})
-                resp = conn.getresponse()
-                data = resp.read()
-                status = resp.status
-                if status == 200 and len(json.loads(data)) != len(texts):
-                    status = -1  # wrong answer
+                status[i] = _send(conn, texts)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                status = -2
-                with lock:
+                status[i] = -2
+                if len(errors) < 5:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 conn.close()
                 conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-            mine.append(time.perf_counter() - t0)
-            my_status[status] = my_status.get(status, 0) + 1
+            latencies[i] = time.perf_counter() - due
         conn.close()
-        with lock:
-            latencies.extend(mine)
-            for k, v in my_status.items():
-                statuses[k] = statuses.get(k, 0) + v
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(min(clients, n))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    n = len(latencies)
-    return {"url": url, "clients": clients, "seconds": round(wall, 2), "texts_per_request": texts_per_request,
-            "requests": n, "errors": n - statuses.get(200, 0), "status_counts": {str(k): v for k, v in statuses.items()},
-            "requests_per_s": round(n / wall, 1) if wall else 0.0,
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p90_ms": round(float(np.percentile(lat, 90)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2), "first_errors": errors[:5]}
+    done = latencies[~np.isnan(latencies)] * 1000
+    ok = int((status == 200).sum())
+    counts = {str(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
+    pct = (lambda q: round(float(np.percentile(done, q)), 2)) if done.size else (lambda q: None)
+    return {"offered_rps": round(rate, 1), "seconds": round(wall, 2), "clients": clients,
+            "texts_per_request": texts_per_request, "requests": n, "ok": ok, "errors": n - ok,
+            "status_counts": counts, "achieved_rps": round(ok / wall, 1) if wall > 0 else 0.0,
+            "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "max_ms": round(float(done.max()), 2) if done.size else None, "first_errors": errors}
+
+
+def passes(step: dict, p99_target_ms: float) -> bool:
+    """Sustained: no errors, at least 95% of the offered rate served, p99 within the target."""
+    return (step["errors"] == 0 and step["p99_ms"] is not None and step["p99_ms"] <= p99_target_ms
+            and step["achieved_rps"] >= 0.95 * step["offered_rps"])
+
+
+def sweep(url: str, *, clients: int = 16, p99_target_ms: float = 100.0, seconds: float = 4.0,
+          start_rate: float = 50.0, factor: float = 1.25, max_rate: float = 5000.0, refine: int = 2,
+          texts_per_request: int = 1, progress=None) -> dict:
+    """Raise the arrival rate geometrically until a step fails :func:`passes`, then bisect
+    ``refine`` times between the last passing and the first failing rate. Returns the steps and the
+    best passing step (the requests/s at the p99 target)."""
+    steps, rate, best, failed = [], start_rate, None, None
+    run = lambda r: open_loop(url, r, seconds, clients, texts_per_request)  # noqa: E731
+    while rate <= max_rate:
+        step = run(rate)
+        step["passed"] = passes(step, p99_target_ms)
+        steps.append(step)
+        if progress:
+            progress(step)
+        if not step["passed"]:
+            failed = rate
+            break
+        best, rate = step, rate * factor
+    lo = best["offered_rps"] if best else 0.0
+    for _ in range(refine if failed and best else 0):
+        mid = (lo + failed) / 2
+        step = run(mid)
+        step["passed"] = passes(step, p99_target_ms)
+        steps.append(step)
+        if progress:
+            progress(step)
+        if step["passed"]:
+            best, lo = step, mid
+        else:
+            failed = mid
+    return {"p99_target_ms": p99_target_ms, "clients": clients, "seconds_per_step": seconds, "steps": steps,
+            "best": best, "requests_per_s_at_target": best["achieved_rps"] if best else 0.0}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bertopt.aws.loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="endpoint (default: http://127.0.0.1:8080)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (your own server only)")
+    p.add_argument("--clients", type=int, default=16, help="keep-alive connections (default: 16)")
+    p.add_argument("--rate", type=float, default=100.0, help="arrival rate, requests/s (default: 100)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per step (default: 10; sweep/compare: 4)")
     p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--sweep", action="store_true", help="find the requests/s at --p99-target-ms")
+    p.add_argument("--p99-target-ms", type=float, default=100.0, help="sweep/compare p99 target (default: 100)")
+    p.add_argument("--start-rate", type=float, default=50.0, help="first sweep rate (default: 50)")
+    p.add_argument("--compare", action="store_true",
+                   help="serve --model-path twice (per request, micro-batching), sweep both, write --out")
+    p.add_argument("--model-path", help="--compare: the model to serve (.onnx file or model directory)")
+    p.add_argument("--instance-type", default="ml.m5.large", help="--compare: price the result (default: ml.m5.large)")
+    p.add_argument("--out", default=None, help="--compare: results file (default: reports/loadtest.json, which "
+                   "compare.py's report shows)")
     args = p.parse_args(argv)
-    result = load_test(args.url, args.clients, args.seconds, args.texts_per_request)
+    if args.out is None:
+        from ..report import LOADTEST_FILE
+
+        args.out = f"reports/{LOADTEST_FILE}"
+    try:
+        if args.compare:
+            from .loadcompare import run_compare
+
+            result = run_compare(args)
+        elif args.sweep:
+            result = sweep(_check_url(args.url, args.allow_remote).geturl(), clients=args.clients,
+                           p99_target_ms=args.p99_target_ms, seconds=args.seconds or 4.0,
+                           start_rate=args.start_rate, texts_per_request=args.texts_per_request,
+                           progress=lambda s: print(_line(s), file=sys.stderr, flush=True))
+        else:
+            result = open_loop(args.url, args.rate, args.seconds or 10.0, args.clients, args.texts_per_request,
+                               allow_remote=args.allow_remote)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
-    return 1 if result["errors"] else 0
+    return 0 if result.get("errors", 0) == 0 else 1
+
+
+def _line(step: dict) -> str:
+    return (f"  offered {step['offered_rps']:7.1f}/s  served {step['achieved_rps']:7.1f}/s  p50 {step['p50_ms']} ms  "
+            f"p99 {step['p99_ms']} ms  errors {step['errors']}  {'ok' if step.get('passed') else 'over target'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The local endpoint: ``aws_deploy.py --local`` builds the same model.tar.gz a deploy uploads,
 unpacks it like SageMaker does and serves its ``code/inference.py`` over the SageMaker container
-contract (``GET /ping``, ``POST /invocations``) with waitress, a production WSGI server.
+contract (``GET /ping``, ``POST /invocations``) with waitress, a production WSGI server, plus
+``GET /metrics`` (Prometheus text: requests by status, request latency, requests and texts per model
+run). The handler micro-batches concurrent requests (see ``MicroBatcher`` in serving/inference.py);
+HTTP and model threads come from the vCPUs (:func:`bertopt.aws.instances.thread_plan`).
 
 Request errors get their own status (400 malformed/empty, 406 Accept, 413 too large, 415
 Content-Type) and a JSON body ``{"error": ..., "status": ...}``; a handler bug is a 500 with a JSON
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -20,12 +24,15 @@ from pathlib import Path
 from .. import artifacts
 from ..cli import StageResult
 from ..errors import BackendUnavailable, PipelineError
-from . import packaging
+from . import instances, packaging
+from .choice import resolve_model
 
 log = logging.getLogger("bertopt.aws.local")
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation payload limit
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
             413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error"}
 _load_count = 0
@@ -61,11 +68,48 @@ def load_handler(model_dir: Path):
     return module, model
 
 
+class ServerMetrics:
+    """The local endpoint's Prometheus metrics (one registry per app)."""
+
+    def __init__(self):
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+        except ImportError:
+            raise BackendUnavailable("the local endpoint's /metrics needs prometheus-client "
+                                     "(pip install -r requirements.txt)") from None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("bertopt_requests", "POST /invocations requests by HTTP status", ["status"],
+                                registry=self.registry)
+        self.latency = Histogram("bertopt_request_latency_seconds", "POST /invocations time in the server",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("bertopt_batch_requests", "requests per model run", buckets=BATCH_BUCKETS,
+                                        registry=self.registry)
+        self.batch_texts = Histogram("bertopt_batch_texts", "texts per model run", buckets=BATCH_BUCKETS,
+                                     registry=self.registry)
+
+    def observe_batch(self, requests: int, texts: int) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_texts.observe(texts)
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        self.requests.labels(status=str(status)).inc()
+        self.latency.observe(seconds)
+
+    def render(self) -> tuple[str, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry).decode("utf-8"), CONTENT_TYPE_LATEST
+
+
 class InvocationsApp:
-    """WSGI app speaking the SageMaker container contract."""
+    """WSGI app speaking the SageMaker container contract, plus GET /metrics."""
 
     def __init__(self, handler, model, max_body_bytes: int = MAX_BODY_BYTES):
         self.handler, self.model, self.max_body_bytes = handler, model, max_body_bytes
+        self.metrics = ServerMetrics()
+        self.batched = getattr(model, "batcher", None) is not None
+        if self.batched:
+            model.batcher.on_batch = self.metrics.observe_batch
 
     def _respond(self, start_response, status: int, body: str, content_type="application/json"):
         data = body.encode("utf-8")
@@ -82,10 +126,28 @@ class InvocationsApp:
             if method not in ("GET", "HEAD"):
                 return self._error(start_response, 405, "use GET /ping")
             return self._respond(start_response, 200, json.dumps({"status": "healthy"}))
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                return self._error(start_response, 405, "use GET /metrics")
+            text, content_type = self.metrics.render()
+            return self._respond(start_response, 200, text, content_type)
         if path != "/invocations":
-            return self._error(start_response, 404, f"no route {path} (GET /ping, POST /invocations)")
+            return self._error(start_response, 404, f"no route {path} (GET /ping, POST /invocations, GET /metrics)")
         if method != "POST":
             return self._error(start_response, 405, "use POST /invocations")
+        start = time.perf_counter()
+        status = [500]
+
+        def timed_start(status_line, headers, exc_info=None):
+            status[0] = int(status_line.split()[0])
+            return start_response(status_line, headers, exc_info)
+
+        try:
+            return self._invocations(environ, timed_start)
+        finally:
+            self.metrics.observe_request(status[0], time.perf_counter() - start)
+
+    def _invocations(self, environ, start_response):
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -97,6 +159,8 @@ class InvocationsApp:
         try:
             data = self.handler.input_fn(body, environ.get("CONTENT_TYPE"))
             prediction = self.handler.predict_fn(data, self.model)
+            if not self.batched and isinstance(data, list):  # one request is one model run
+                self.metrics.observe_batch(1, len(data))
             out = self.handler.output_fn(prediction, environ.get("HTTP_ACCEPT") or "application/json")
         except Exception as exc:
             if error_cls and isinstance(exc, error_cls):
@@ -144,7 +208,7 @@ class LocalEndpoint:
 def prepare_local(cfg, directory: Path | None = None):
     """Build model.tar.gz into ``<output_dir>/aws/local/``, unpack it, load its handler.
     Returns (archive info, model dir, handler module, model)."""
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     directory = Path(directory or artifacts.stage_dir(cfg.output_dir, "aws") / "local")
     archive = packaging.build_archive(choice, cfg, directory / packaging.ARCHIVE_NAME)
     model_dir = directory / "model"
@@ -157,8 +221,15 @@ def prepare_local(cfg, directory: Path | None = None):
 def run_local(cfg) -> StageResult:
     """aws_deploy.py --local: serve until Ctrl-C."""
     start = time.perf_counter()
+    plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
+    for key, value in {"BERTOPT_THREADS": str(plan.model_threads), **instances.SERVING_ENV}.items():
+        os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer
     archive, model_dir, handler, model = prepare_local(cfg)
-    endpoint = LocalEndpoint(InvocationsApp(handler, model), cfg.host, cfg.port, cfg.local_threads)
+    threads = cfg.local_threads or plan.http_threads
+    endpoint = LocalEndpoint(InvocationsApp(handler, model), cfg.host, cfg.port, threads)
+    log.info("local endpoint: %d vCPUs, %d HTTP threads, %s model threads, micro-batching %s", plan.vcpus, threads,
+             os.environ["BERTOPT_THREADS"], f"up to {cfg.batch_max_texts} texts, {cfg.batch_wait_ms} ms wait"
+             if cfg.batching else "off")
     if cfg.host not in LOOPBACK:
         log.warning("the local endpoint listens on %s: other machines can reach it", cfg.host)
     print(f"serving {model.info.get('variant')} from {archive.path} (sha256 {archive.sha256[:12]}) on {endpoint.url}\n"

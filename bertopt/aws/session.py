@@ -16,7 +16,7 @@ NO_CREDENTIALS = ("no AWS credentials found: configure them the standard boto3 w
                   "AWS_PROFILE / --aws-profile, AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, or an instance/SSO "
                   "role); nothing was created")
 NOT_FOUND_CODES = {"ResourceNotFoundException", "NoSuchBucket", "NoSuchKey", "NotFound", "404",
-                   "RepositoryNotFoundException", "NoSuchEntity", "NoSuchUpload"}
+                   "RepositoryNotFoundException", "NoSuchEntity", "NoSuchUpload", "ObjectNotFoundException"}
 ACCESS_CODES = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError"}
 
 
@@ -40,7 +40,9 @@ def is_not_found(exc) -> bool:
     code, msg = error_code(exc), error_message(exc)
     if code in NOT_FOUND_CODES:
         return True
-    return code == "ValidationException" and ("could not find" in msg.lower() or "does not exist" in msg.lower())
+    msg = msg.lower()
+    return code == "ValidationException" and any(s in msg for s in ("could not find", "does not exist",
+                                                                     "no scalable target found"))
 
 
 def aws_error(exc, action: str) -> PipelineError:

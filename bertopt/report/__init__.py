@@ -10,8 +10,10 @@ from typing import Optional
 
 from .. import artifacts
 from ..errors import PipelineError
+from ..results import get as results_get
 
 TEMPLATE = "template.html.j2"
+LOADTEST_FILE = "loadtest.json"  # beside results.json: `python -m bertopt.aws.loadtest --compare` writes it
 
 
 def _load(results_path: str | os.PathLike) -> dict:
@@ -87,10 +89,20 @@ def fusion_table(results: dict, a: str = "ort-opt", b: str = "ort-fp32") -> Opti
             "grid": [[ratio.get((bt, sq)) for bt in batches] for sq in seqs]}
 
 
-def build_context(results: dict) -> dict:
-    from . import plots
+def _load_loadtest(path: Path) -> Optional[dict]:
+    """The serving load test's results, when present and readable (the report shows them)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and str(data.get("schema", "")).startswith("bertopt.loadtest/") else None
+
+
+def build_context(results: dict, loadtest: Optional[dict] = None) -> dict:
+    from . import plots, task_plots
 
     figures = {
+        "confusion": task_plots.confusion_matrices(results),
         "throughput": plots.throughput_bars(results),
         "latency": plots.latency_vs_batch(results),
         "heatmap": plots.heatmaps(results),
@@ -115,10 +127,13 @@ def build_context(results: dict) -> dict:
         "radar_span_pts": 100 * plots.RADAR_ACCURACY_SPAN,
         "radar_max": plots.RADAR_MAX_VARIANTS,
         "fusion": fusion_table(results),
+        "per_class": task_plots.per_class_rows(results),
+        "metric": results_get(results, "task", "metric", default="accuracy"),
+        "lt": loadtest,
     }
 
 
-def render_html(results: dict) -> str:
+def render_html(results: dict, loadtest: Optional[dict] = None) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
@@ -127,16 +142,8 @@ def render_html(results: dict) -> str:
     env.filters["num"] = _num
     env.filters["mb"] = _mb
     env.filters["pct"] = lambda v, spec=".1f": _num(None if _missing(v) else 100 * v, spec)
-    env.filters["get"] = lambda d, *keys: _dig(d, *keys)
-    return env.get_template(TEMPLATE).render(**build_context(results))
-
-
-def _dig(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
+    env.filters["get"] = lambda d, *keys: results_get(d, *keys)
+    return env.get_template(TEMPLATE).render(**build_context(results, loadtest))
 
 
 def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
@@ -144,5 +151,6 @@ def render_report(results_path: str | os.PathLike, out_path: str | os.PathLike |
     results file alone. Returns the written path."""
     results = _load(results_path)
     out = Path(out_path) if out_path else Path(results_path).with_name("performance_report.html")
-    artifacts.atomic_write_text(out, render_html(results))
+    loadtest = _load_loadtest(Path(results_path).with_name(LOADTEST_FILE))
+    artifacts.atomic_write_text(out, render_html(results, loadtest))
     return out

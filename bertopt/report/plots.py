@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..results import get as _get  # noqa: E402
+
 BACKEND_COLORS = {"torch": "#e07b39", "onnxruntime": "#3b75af", "tensorrt": "#519e3e"}
 REC_COLOR = "#c0392b"
 RADAR_ACCURACY_SPAN = 0.05  # accuracy axis: 1 at the best accuracy, 0 at 5 points below it
@@ -39,14 +41,6 @@ def measured(results: dict) -> list[dict]:
 
 def _rec(results: dict) -> Optional[str]:
     return (results.get("recommendation") or {}).get("variant")
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
 
 
 # ----------------------------------------------------------------------------- throughput bars
@@ -264,12 +258,14 @@ def radar(results: dict) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- training
 def loss_curves(results: dict) -> Optional[str]:
+    """Per trained stage: training loss per step and, where recorded, eval accuracy per step."""
     training = results.get("training") or {}
     curves = {k: v.get("loss_curve") for k, v in training.items() if v.get("loss_curve")}
     if not curves:
         return None
-    fig = Figure(layout="constrained", figsize=(8, 3.8))
-    ax = fig.add_subplot()
+    evals = {k: v.get("eval_curve") for k, v in training.items() if v.get("eval_curve")}
+    fig = Figure(layout="constrained", figsize=(11 if evals else 8, 3.8))
+    ax = fig.add_subplot(1, 2 if evals else 1, 1)
     for stage, curve in curves.items():
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="." if len(curve) < 30 else None,
                 label=f"{stage} ({training[stage].get('precision') or '?'})")
@@ -277,6 +273,19 @@ def loss_curves(results: dict) -> Optional[str]:
     ax.set_ylabel("training loss (mean over the logging window)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if evals:
+        ax2 = fig.add_subplot(1, 2, 2)
+        for stage, curve in evals.items():
+            ax2.plot([p["step"] for p in curve], [100 * p["eval_accuracy"] for p in curve], marker=".",
+                     label=stage)
+            best = training[stage].get("best_step")
+            hit = [p for p in curve if p["step"] == best]
+            if hit:
+                ax2.plot([best], [100 * hit[0]["eval_accuracy"]], marker="*", markersize=12, color="black")
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel("eval accuracy % (★ = the kept weights)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
     return to_svg(fig, "loss-curves")
 
 

@@ -1,0 +1,153 @@
+"""The OpenVINO backend, added through the variant registry alone: FP32 from model.onnx, INT8 by
+NNCF. Both sides are covered: with the module hidden (rows 'skipped' with the reason) and, where
+requirements-openvino.txt is installed (CI installs it), built, checked and measured."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertopt import variants
+from bertopt.aws.choice import resolve_model
+from bertopt.errors import BackendUnavailable
+
+
+def _run_onnx(out: Path, **kw):
+    from bertopt.onnx_stage import OnnxConfig, run
+
+    return run(OnnxConfig(output_dir=str(out), quiet=True, calibration_samples=32, variants="ov-fp32,ov-int8", **kw))
+
+
+@pytest.fixture()
+def hide_openvino(monkeypatch):
+    for name in ("openvino", "nncf"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec raises
+
+
+@pytest.fixture()
+def with_openvino():
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_baseline) -> Path:
+    """tmp_path holding the tiny baseline and its ONNX stage, run for the OpenVINO variants (request
+    it after hide_openvino / with_openvino)."""
+    shutil.copytree(tiny_baseline, tmp_path / "baseline")
+    assert _run_onnx(tmp_path).status == "ok"
+    return tmp_path
+
+
+def test_registry_holds_the_backend_in_one_place():
+    fp32, int8 = variants.get("ov-fp32"), variants.get("ov-int8")
+    assert fp32.backend == int8.backend == "openvino" and fp32.file == "model.onnx"
+    assert int8.built_from == "model.onnx" and int8.builder and int8.targets == ("cpu",)
+    assert {"ov-fp32", "ov-int8"} <= set(variants.onnx_keys(("openvino",)))
+
+
+def test_without_openvino_variants_are_skipped_with_the_reason(hide_openvino, built):
+    from bertopt.compare.discover import discover
+    from bertopt.runtimes import OpenVinoPredictor
+
+    tmp_path = built
+    m = json.loads((tmp_path / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]
+    for key in ("ov-fp32", "ov-int8"):
+        assert m[key]["status"] == "skipped" and "requirements-openvino.txt" in m[key]["reason"], m[key]
+    assert not (tmp_path / "onnx" / "baseline" / "model.ov-int8.xml").exists()
+    rows = {v.name: v for v in discover(tmp_path, "cpu")[0]}
+    assert rows["ov-int8"].status == "skipped" and "openvino" in rows["ov-int8"].reason.lower()
+    with pytest.raises(BackendUnavailable, match="requirements-openvino.txt"):
+        OpenVinoPredictor(tmp_path / "onnx" / "baseline" / "model.onnx")
+
+
+def test_with_openvino_fp32_and_nncf_int8_are_built_checked_and_opened(with_openvino, built):
+    from bertopt.compare.discover import discover
+    from bertopt.runtimes import OrtPredictor, open_predictor
+
+    tmp_path = built
+    d = tmp_path / "onnx" / "baseline"
+    m = json.loads((d / "manifest.json").read_text())["metrics"]["variants"]
+    assert m["ov-fp32"]["status"] == "ok", m["ov-fp32"]
+    assert m["ov-fp32"]["parity"]["max_abs_diff"] < 1e-4  # same graph, f32 inference precision
+    assert m["ov-int8"]["status"] in ("ok", "rejected"), m["ov-int8"]
+    assert (d / "model.ov-int8.xml").is_file() and (d / "model.ov-int8.bin").is_file()
+    assert m["ov-int8"]["size_bytes"] == (d / "model.ov-int8.xml").stat().st_size + (d / "model.ov-int8.bin").stat().st_size
+    assert 0 <= m["ov-int8"]["accuracy"] <= 1
+    rows = {v.name: v for v in discover(tmp_path, "cpu")[0]}
+    assert rows["ov-fp32"].status == "ok" and rows["ov-fp32"].backend == "openvino"
+    ov = open_predictor("ov-fp32", d / "model.onnx", threads=1)
+    ort = OrtPredictor(d / "model.onnx")
+    import numpy as np
+
+    batch = {"input_ids": np.array([[101, 2000, 2001, 102]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 4), dtype=np.int64)}
+    assert set(ov.input_names) == set(ort.input_names)
+    np.testing.assert_allclose(ov.predict_logits(batch), ort.predict_logits(batch), atol=1e-4)
+
+
+def test_a_recommended_openvino_variant_is_packaged_and_served(with_openvino, built):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bertopt.aws import packaging
+    from bertopt.aws.serving import inference
+
+    tmp_path = built
+    d = tmp_path / "onnx" / "baseline"
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rec = {"variant": "ov-int8", "backend": "openvino", "precision": "int8", "source": "baseline", "device": "cpu",
+           "path": str(d / "model.ov-int8.xml"), "model_dir": str(d), "onnx_variant": "ov-int8",
+           "registry": "ov-int8", "reason": "test"}
+    (reports / "results.json").write_text(json.dumps({"recommendation": rec}))
+    cfg = SimpleNamespace(reports_dir=str(reports), model_path=None, variant=None, gpu=False, max_length=64,
+                          max_batch=8, max_chars=100, vendor_wheels=None, batch_wait_ms=2.0, batch_max_texts=64)
+    choice = resolve_model(cfg)
+    assert choice.backend == "openvino" and choice.path.name == "model.ov-int8.xml"
+    members = dict(packaging.archive_members(choice, cfg))
+    assert {"model.ov-int8.xml", "model.ov-int8.bin", "serving.json", "code/bertopt_runtime/runtimes.py"} <= set(members)
+    assert b"openvino==" in members["code/requirements.txt"]
+    settings = json.loads(members["serving.json"])
+    pred = inference._make_predictor(str(d), settings)
+    batch = {"input_ids": np.array([[101, 2000, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 3), dtype=np.int64)}
+    assert pred.backend == "openvino" and pred.predict_logits(batch).shape == (1, 2)
+
+
+def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_path, hide_openvino):
+    from bertopt.errors import BackendUnavailable
+    from bertopt.aws.serving import inference
+
+    with pytest.raises(BackendUnavailable, match="openvino is not installed"):
+        inference._make_predictor(str(tmp_path), {"backend": "openvino", "model_file": "model.onnx"})
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["hidden", "installed"])
+def test_compare_and_the_report_show_the_openvino_rows(request, installed):
+    import compare
+
+    request.getfixturevalue("with_openvino" if installed else "hide_openvino")
+    tmp_path = request.getfixturevalue("built")
+    reports = tmp_path / "reports"
+    assert compare.main(["--output-dir", str(tmp_path), "--reports-dir", str(reports), "--quick", "--quiet",
+                         "--skip-memory", "--sweep-batches", "1,4", "--sweep-seqs", "16", "--latency-requests", "4",
+                         "--threads", "1"]) == 0
+    res = json.loads((reports / "results.json").read_text())
+    by = {r["name"]: r for r in res["variants"]}
+    summary = (reports / "summary.md").read_text()
+    html = (reports / "performance_report.html").read_text()
+    assert res["protocol"]["name"] == "quick"
+    if installed:
+        for name in ("ov-fp32", "ov-int8"):
+            assert by[name]["status"] == "ok" and by[name]["backend"] == "openvino", by[name]
+            assert by[name]["throughput"]["samples_per_s"]["median"] > 0 and 0 <= by[name]["accuracy"] <= 1
+            assert f"| {name} | openvino |" in summary or f"| **{name}** ★ | openvino |" in summary
+            assert name in html
+    else:
+        for name in ("ov-fp32", "ov-int8"):
+            assert by[name]["status"] == "skipped" and "requirements-openvino.txt" in by[name]["reason"]
+            assert f"- {name} (skipped):" in summary
+        assert "requirements-openvino.txt" in html
