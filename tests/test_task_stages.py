@@ -131,3 +131,53 @@ def test_task_runs_every_stage(tmp_path, tiny_encoder, make):
         assert not np.isclose(sum(scores), 1.0)  # independent sigmoid scores, not a softmax
     else:
         assert np.isclose(sum(scores), 1.0, atol=1e-4)
+
+
+class _Fixed:
+    """A predictor answering fixed logits per row (what the handler does with them is under test)."""
+
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, row):
+        self.row = np.asarray(row, dtype=np.float64)
+        self.seen = []
+
+    def predict_logits(self, batch):
+        self.seen.append(batch)
+        return np.tile(self.row, (len(batch["input_ids"]), 1))
+
+
+@pytest.mark.parametrize("task,row,names,want", [
+    ("regression", [3.25], ["score"], [{"label": "score", "value": 3.25}]),
+    ("multi-label", [2.0, -2.0, 0.0], ["a", "b", "c"],
+     [[{"label": "a", "score": 0.880797}, {"label": "c", "score": 0.5}, {"label": "b", "score": 0.119203}]]),
+    ("classification", [0.0, 1.0], ["neg", "pos"], [{"label": "pos", "score": 0.731059}]),
+])
+def test_serving_answers_by_task(packaged_model_dir, task, row, names, want):
+    from transformers import AutoTokenizer
+
+    from bertopt.aws.serving import inference as h
+
+    model = h.ServingModel(AutoTokenizer.from_pretrained(packaged_model_dir), _Fixed(row), names, 32, 8, 1000,
+                           task=task)
+    assert h.predict_fn(h.input_fn('{"inputs": "some text"}', "application/json"), model) == want
+
+
+def test_serving_pairs_top_k_and_chunked_long_text(packaged_model_dir):
+    from transformers import AutoTokenizer
+
+    from bertopt.aws.serving import inference as h
+
+    tok = AutoTokenizer.from_pretrained(packaged_model_dir)
+    fixed = _Fixed([0.0, 1.0, 2.0])
+    model = h.ServingModel(tok, fixed, ["x", "y", "z"], 16, 8, 5000)
+    body = '{"inputs": [{"text": "first one", "text_pair": "second one"}], "top_k": 2}'
+    got = h.predict_fn(h.input_fn(body, "application/json"), model)
+    assert [x["label"] for x in got[0]] == ["z", "y"]
+    types = fixed.seen[-1]["token_type_ids"][0]
+    assert types.max() == 1 and types[0] == 0  # the pair's second text is segment 1
+    with pytest.raises(h.RequestError, match="top_k"):
+        h.input_fn('{"inputs": "a", "top_k": 0}', "application/json")
+    model = h.ServingModel(tok, fixed, ["x", "y", "z"], 16, 8, 5000, long_text="chunk", stride=4)
+    h.predict_fn(h.input_fn(json.dumps({"inputs": " ".join(["word"] * 60)}), "application/json"), model)
+    assert len(fixed.seen[-1]["input_ids"]) > 1  # one text, several windows, one answer

@@ -147,3 +147,44 @@ def test_stride_not_below_max_length_at_the_cli(capsys, tmp_path, tiny_model_dir
     line = _cli_error(capsys, ["--model", tiny_model_dir, "--dataset", tiny_data_dir, "--output-dir", str(out),
                                "--long-text", "chunk", "--max-length", "32", "--stride", "32", "--quiet"])
     assert "--stride" in line and not out.exists()
+
+
+# ----------------------------------------------------------------------------- long texts
+def make_long_texts(n: int, seed: int, lead=(34, 50), tail=(2, 6)):
+    """Reviews whose only label-bearing word sits after ``lead`` filler words: beyond the first
+    window at --max-length 32, so truncation cannot see it and chunking can."""
+    import random
+
+    from conftest import FILL, NEG, POS
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        words = [rng.choice(FILL) for _ in range(rng.randint(*lead))]
+        words += [rng.choice(POS if y else NEG)] + [rng.choice(FILL) for _ in range(rng.randint(*tail))]
+        texts.append(" ".join(words))
+        labels.append(y)
+    return texts, labels
+
+
+def test_chunk_beats_truncate_on_long_reviews(tmp_path, tiny_model_dir):
+    import json
+
+    from bertopt.config import TrainConfig
+    from bertopt.train_stage import run_baseline
+    from conftest import write_table
+
+    for name, n, seed in (("train.tsv", 240, 11), ("dev.tsv", 80, 12)):
+        write_table(tmp_path / "data" / name, *make_long_texts(n, seed))
+    acc = {}
+    for strategy in ("truncate", "chunk"):
+        out = tmp_path / strategy
+        cfg = TrainConfig(model=tiny_model_dir, dataset=str(tmp_path / "data"), output_dir=str(out), max_length=32,
+                          epochs=6, lr=1e-2, warmup_ratio=0.0, batch_size=16, seed=0, device="cpu", quiet=True, long_text=strategy)
+        assert run_baseline(cfg).status == "ok"
+        manifest = json.loads((out / "baseline" / "manifest.json").read_text())
+        assert manifest["data"]["long_text"] == strategy  # stored for every later stage
+        acc[strategy] = manifest["metrics"]["best_eval_accuracy"]
+    assert acc["truncate"] < 0.7, acc  # the label word is never inside the first window
+    assert acc["chunk"] >= acc["truncate"] + 0.02, acc
