@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import artifacts, modeling
+from .. import artifacts, modeling, variants
 from .. import benchmarking as bm
 from .. import gpu_measure as gm
 from ..config import CommonConfig
@@ -367,10 +367,14 @@ def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
 
 def batch1_accuracy(s: Setup, o: Opened) -> dict:
     """Untimed predictions of single requests: dynamically quantized models compute activation
-    scales per batch tensor, so their predictions depend on what shares a batch."""
+    scales per batch tensor, so their predictions depend on what shares a batch (the fast protocol
+    asks only those rows; the full protocol asks every dynamically batched row)."""
+    only_dependent = s.proto.get("batch1_only_batch_dependent")
+    rows = [v for v in o.live if v.batching == "dynamic"
+            and (not only_dependent or getattr(variants.REGISTRY.get(v.registry), "batch_dependent", False))]
     return {v.name: classify_texts(o.preds[v.name], s.tokenizer, s.texts, batch_size=1, max_length=s.max_length,
                                    with_tt=s.with_tt)
-            for v in progress([v for v in o.live if v.batching == "dynamic"], desc="batch-1 accuracy", unit="variant")}
+            for v in progress(rows, desc="batch-1 accuracy", unit="variant")}
 
 
 def _probe_names(s: Setup, rows: list[dict]) -> list[str]:
