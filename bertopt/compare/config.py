@@ -31,9 +31,12 @@ QUICK_PROTOCOL = {"repeats": 3, "warmup": 1, "latency_requests": 24, "sweep_batc
 # the cells the headline, targets and plots use (batch 1 and 32 at 32 and 128 tokens), batch-1
 # accuracy is measured only for rows that quantize activations at run time (ORT int8/int4: their
 # predictions depend on what shares a batch; other rows' do not beyond float noise), and the
-# fresh-process memory probes run only for variants the recommendation can choose
+# fresh-process memory probes run only for variants the recommendation can choose; from round 3 a
+# row whose fastest call is slower than the leader's slowest is not timed again (it can neither win
+# nor tie; the padded reference and the FP32 baseline always get every round)
 FAST_PROTOCOL = {**FULL_PROTOCOL, "warmup": 1, "sweep_batches": (1, 32), "sweep_seqs": (32, 128), "min_repeats": 3,
-                 "spread_tolerance": 0.05, "memory_only_eligible": True, "batch1_only_batch_dependent": True}
+                 "spread_tolerance": 0.05, "memory_only_eligible": True, "batch1_only_batch_dependent": True,
+                 "drop_dominated": True}
 PROTOCOLS = {"full": FULL_PROTOCOL, "fast": FAST_PROTOCOL, "quick": QUICK_PROTOCOL}
 
 
