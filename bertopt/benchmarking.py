@@ -82,6 +82,27 @@ def _guarded_round(tasks, order, timed, guard, max_share: float, retries_left: i
         return got, share, used
 
 
+def _dominated(results: Mapping[str, Sequence[float]], keep: set, already: set) -> list[str]:
+    """Tasks (outside ``keep`` and ``already``) whose fastest call is slower than the slowest call
+    of the task with the lowest median duration."""
+    live = {n: t for n, t in results.items() if t and n not in already}
+    if len(live) < 2:
+        return []
+    leader = min(live, key=lambda n: float(np.median(live[n])))
+    worst = max(live[leader])
+    return [n for n, t in live.items() if n != leader and n not in keep and min(t) > worst]
+
+
+def _settled(results: Mapping[str, Sequence[float]], rounds: int, tolerance: Optional[float],
+             keep: Optional[Iterable[str]], dominated: dict) -> bool:
+    """After round ``rounds``: record newly dominated tasks in ``dominated`` (when ``keep`` is
+    given); True once every task still timed has its spread within ``tolerance``."""
+    if keep is not None:
+        dominated.update(dict.fromkeys(_dominated(results, set(keep), set(dominated)), rounds))
+    return tolerance is not None and all(relative_spread(t) <= tolerance
+                                         for n, t in results.items() if n not in dominated)
+
+
 def relative_spread(values: Sequence[float]) -> float:
     """(max - min) / median of a sample (inf for an empty one or a zero median)."""
     if not len(values):
@@ -99,7 +120,8 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
                     max_retries: int = 2, min_guarded_s: float = 0.2,
                     stats: Optional[dict] = None, min_repeats: Optional[int] = None,
-                    tolerance: Optional[float] = None) -> dict[str, list[float]]:
+                    tolerance: Optional[float] = None,
+                    keep: Optional[Iterable[str]] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -121,9 +143,10 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
     is timed with ``clock``. ``progress(name, round)`` is called after each recorded call.
 
-    ``min_repeats`` + ``tolerance`` (optional): stop after round ``min_repeats`` or any later one
-    once every task's spread (max - min) / median is within ``tolerance``; ``stats['rounds']``
-    says how many rounds were recorded."""
+    ``min_repeats`` + ``tolerance``: stop after round ``min_repeats`` or later once every spread
+    (max - min) / median is within ``tolerance`` (``stats['rounds']``). ``keep`` (tasks doing the same
+    work): from round ``min_repeats`` a task outside ``keep`` slower in its fastest call than the
+    leader in its slowest is not timed again (``stats['dominated']``: task -> last round)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     timers = timers or {}
@@ -151,8 +174,9 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
         for name in order:
             timed(name)
     results: dict[str, list[float]] = {name: [] for name in names}
-    retries, shares = 0, []
+    retries, shares, dominated = 0, [], {}
     for r, order in enumerate(round_robin_order(names, repeats)):
+        order = [n for n in order if n not in dominated]
         got, share, retried = _guarded_round(tasks, order, timed, guard, max_share, max_retries - retries,
                                              min_guarded_s)
         retries += retried
@@ -161,10 +185,11 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
             results[name].append(got[name])
             if progress:
                 progress(name, r)
-        if min_repeats is not None and tolerance is not None and r + 1 >= min_repeats and r + 1 < repeats \
-                and all(relative_spread(t) <= tolerance for t in results.values()):
+        if min_repeats is not None and min_repeats <= r + 1 < repeats \
+                and _settled(results, r + 1, tolerance, keep, dominated):
             break
     if stats is not None:
+        stats["dominated"] = dict(dominated)
         stats["retried_rounds"] = stats.get("retried_rounds", 0) + retries
         stats.setdefault("other_cpu_share", []).extend(round(x, 3) for x in shares if x is not None)
         stats["rounds"] = len(shares)
