@@ -229,10 +229,12 @@ class TaskSpec:
                 "threshold": self.threshold, "class_weights": self.class_weights}
 
 
-def spec_from_record(record: Optional[dict]) -> TaskSpec:
-    """The TaskSpec a training manifest's ``data`` record stores (older manifests: plain accuracy)."""
+def spec_from_record(record: Optional[dict], label_names=()) -> TaskSpec:
+    """The TaskSpec a training manifest's ``data`` record stores (older manifests: plain accuracy;
+    ``label_names`` where the record has none)."""
     r = record or {}
-    return TaskSpec(r.get("task") or CLASSIFICATION, list(r.get("label_names") or []), r.get("metric") or "accuracy",
+    names = list(r.get("label_names") or label_names)
+    return TaskSpec(r.get("task") or CLASSIFICATION, names, r.get("metric") or "accuracy",
                     r.get("threshold"), r.get("class_weights"))
 
 

@@ -220,7 +220,8 @@ def setup(cfg: CompareConfig) -> Setup:
             cdir = v.model_dir if (Path(v.model_dir) / "config.json").is_file() else str(baseline_dir)
             configs[v.source] = AutoConfig.from_pretrained(cdir).to_dict()
     return Setup(cfg, proto, threads, rows, manifests, dcfg, splits, texts, labels, max_length, tokenizer,
-                 base_config, with_tt, lengths, configs, tasks.spec_from_record(manifests["baseline"].get("data")),
+                 base_config, with_tt, lengths, configs,
+                 tasks.spec_from_record(manifests["baseline"].get("data"), splits.label_names),
                  splits.eval.pairs, trained.get("long_text") or "truncate", trained.get("stride"))
 
 
