@@ -73,27 +73,7 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         cfg = modeling.resolve_lr(cfg, model)
         model.to(device)
 
-        with_tt = modeling.uses_token_type_ids(model)
-        pad_id = tokenizer.pad_token_id or 0
-        train_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.train.texts, tokenizer, cfg.max_length),
-                                           splits.train.labels)
-        eval_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.eval.texts, tokenizer, cfg.max_length),
-                                          splits.eval.labels)
-        cuda = device.type == "cuda"
-        workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
-        pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
-        # under torchrun each rank gets a disjoint share of the length-grouped batches
-        train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
-                                            with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
-                                            num_replicas=ctx.world_size, rank=ctx.rank)
-        if ctx.enabled:
-            eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
-                                                       with_token_type_ids=with_tt, num_workers=workers,
-                                                       pin_memory=pin)
-        else:
-            eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
-                                               pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
-                                               pin_memory=pin)
+        train_ds, train_loader, eval_loader = _make_loaders(cfg, splits, tokenizer, model, device, ctx)
         log.info("model: %s, %d parameters (%d trainable), max length %d, batch %d, %d epoch(s)",
                  cfg.model, counts["parameters"], counts["trainable_parameters"], cfg.max_length,
                  cfg.batch_size, cfg.epochs)
@@ -113,25 +93,63 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
             return StageResult(stage, "ok", time.perf_counter() - start,
                                f"rank {ctx.rank}/{ctx.world_size} done (rank 0 writes the artifacts)", str(directory))
 
-        model.to("cpu")
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
-                       mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
-        artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
-        artifacts.write_manifest(
-            directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
-            inputs={"model": cfg.model, "dataset": splits.source},
-            outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
-            metrics=metrics, resumed=bool(metrics["resumed_from"]),
-            data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
-            reason=plan.reason if plan.autocast_dtype is not None else None,
-        )
+        metrics = _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts,
+                               summary, plan)
         shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
         distributed.barrier(ctx)
     acc = metrics["best_eval_accuracy"]
     return StageResult(stage, "ok", time.perf_counter() - start,
                        f"best eval accuracy {acc:.4f}, {metrics['samples_per_s']} samples/s", str(directory))
+
+
+def _make_loaders(cfg: TrainConfig, splits, tokenizer, model, device, ctx):
+    """Tokenize once; the length-grouped train loader (this rank's share under torchrun) and the eval loader."""
+    from . import data as data_mod
+    from . import distributed, modeling
+
+    with_tt = modeling.uses_token_type_ids(model)
+    pad_id = tokenizer.pad_token_id or 0
+    train_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.train.texts, tokenizer, cfg.max_length),
+                                       splits.train.labels)
+    eval_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.eval.texts, tokenizer, cfg.max_length),
+                                      splits.eval.labels)
+    cuda = device.type == "cuda"
+    workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
+    pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
+    # under torchrun each rank gets a disjoint share of the length-grouped batches
+    train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
+                                        with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
+                                        num_replicas=ctx.world_size, rank=ctx.rank)
+    if ctx.enabled:
+        eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
+                                                   with_token_type_ids=with_tt, num_workers=workers,
+                                                   pin_memory=pin)
+    else:
+        eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
+                                           pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
+                                           pin_memory=pin)
+    return train_ds, train_loader, eval_loader
+
+
+def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts, summary, plan) -> dict:
+    """Rank 0: the weights, tokenizer and labels, then the manifest (last); returns its metrics."""
+    from . import checkpoints
+
+    model.to("cpu")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
+                   mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
+    artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+    artifacts.write_manifest(
+        directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
+        inputs={"model": cfg.model, "dataset": splits.source},
+        outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
+        metrics=metrics, resumed=bool(metrics["resumed_from"]),
+        data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
+        reason=plan.reason if plan.autocast_dtype is not None else None,
+    )
+    return metrics
 
 
 def _prepare_dir(cfg: TrainConfig, directory, fp: str, ctx):
