@@ -1,5 +1,6 @@
 """Measurement: timing statistics, the interleaved round-robin protocol, FLOP counting, the
-machine's matmul peak, and peak memory of a fresh process running one variant.
+machine's CPU matmul peak, and peak memory of a fresh process running one variant (its GPU
+figures, the GPU timer and the per-compute-type GPU peaks live in :mod:`bertopt.gpu_measure`).
 
 Everything here is independent of *what* is measured: bertopt.compare builds the workloads
 (tokenize + predict closures) and hands them to these functions. Timing is never asserted in
@@ -81,6 +82,27 @@ def _guarded_round(tasks, order, timed, guard, max_share: float, retries_left: i
         return got, share, used
 
 
+def _dominated(results: Mapping[str, Sequence[float]], keep: set, already: set) -> list[str]:
+    """Tasks (outside ``keep`` and ``already``) whose fastest call is slower than the slowest call
+    of the task with the lowest median duration."""
+    live = {n: t for n, t in results.items() if t and n not in already}
+    if len(live) < 2:
+        return []
+    leader = min(live, key=lambda n: float(np.median(live[n])))
+    worst = max(live[leader])
+    return [n for n, t in live.items() if n != leader and n not in keep and min(t) > worst]
+
+
+def _settled(results: Mapping[str, Sequence[float]], rounds: int, tolerance: Optional[float],
+             keep: Optional[Iterable[str]], dominated: dict) -> bool:
+    """After round ``rounds``: record newly dominated tasks in ``dominated`` (when ``keep`` is
+    given); True once every task still timed has its spread within ``tolerance``."""
+    if keep is not None:
+        dominated.update(dict.fromkeys(_dominated(results, set(keep), set(dominated)), rounds))
+    return tolerance is not None and all(relative_spread(t) <= tolerance
+                                         for n, t in results.items() if n not in dominated)
+
+
 def relative_spread(values: Sequence[float]) -> float:
     """(max - min) / median of a sample (inf for an empty one or a zero median)."""
     if not len(values):
@@ -98,7 +120,8 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
                     max_retries: int = 2, min_guarded_s: float = 0.2,
                     stats: Optional[dict] = None, min_repeats: Optional[int] = None,
-                    tolerance: Optional[float] = None) -> dict[str, list[float]]:
+                    tolerance: Optional[float] = None,
+                    keep: Optional[Iterable[str]] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -120,9 +143,10 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
     is timed with ``clock``. ``progress(name, round)`` is called after each recorded call.
 
-    ``min_repeats`` + ``tolerance`` (optional): stop after round ``min_repeats`` or any later one
-    once every task's spread (max - min) / median is within ``tolerance``; ``stats['rounds']``
-    says how many rounds were recorded."""
+    ``min_repeats`` + ``tolerance``: stop after round ``min_repeats`` or later once every spread
+    (max - min) / median is within ``tolerance`` (``stats['rounds']``). ``keep`` (tasks doing the same
+    work): from round ``min_repeats`` a task outside ``keep`` slower in its fastest call than the
+    leader in its slowest is not timed again (``stats['dominated']``: task -> last round)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     timers = timers or {}
@@ -150,8 +174,9 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
         for name in order:
             timed(name)
     results: dict[str, list[float]] = {name: [] for name in names}
-    retries, shares = 0, []
+    retries, shares, dominated = 0, [], {}
     for r, order in enumerate(round_robin_order(names, repeats)):
+        order = [n for n in order if n not in dominated]
         got, share, retried = _guarded_round(tasks, order, timed, guard, max_share, max_retries - retries,
                                              min_guarded_s)
         retries += retried
@@ -160,10 +185,11 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
             results[name].append(got[name])
             if progress:
                 progress(name, r)
-        if min_repeats is not None and tolerance is not None and r + 1 >= min_repeats and r + 1 < repeats \
-                and all(relative_spread(t) <= tolerance for t in results.values()):
+        if min_repeats is not None and min_repeats <= r + 1 < repeats \
+                and _settled(results, r + 1, tolerance, keep, dominated):
             break
     if stats is not None:
+        stats["dominated"] = dict(dominated)
         stats["retried_rounds"] = stats.get("retried_rounds", 0) + retries
         stats.setdefault("other_cpu_share", []).extend(round(x, 3) for x in shares if x is not None)
         stats["rounds"] = len(shares)
@@ -197,26 +223,6 @@ class CpuShare:
     @classmethod
     def guard(cls) -> Callable[[], float]:
         return cls().others
-
-
-class CudaTimer:
-    """Times one synchronous GPU call: synchronise the device, run, synchronise again, wall clock.
-
-    Every predictor returns host arrays (its call ends with a device-to-host copy), so this times
-    the whole call on every stream it uses. CUDA events recorded on the default stream would not:
-    a TensorRT engine runs on its own stream, and the events would bracket nothing of its work."""
-
-    def __init__(self, device: str = "cuda"):
-        self.device = device
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        import torch
-
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -300,63 +306,6 @@ def matmul_peak(threads: int | None = None, sizes: Sequence[int] = (1024, 2048),
             "runs": runs}
 
 
-# precision of a variant row -> the compute type whose peak it is measured against
-COMPUTE_TYPES = {"fp32": "fp32", "tf32": "tf32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "int4": "int8"}
-
-
-def gpu_matmul_peaks(device: str = "cuda", sizes: Sequence[int] = (4096, 8192), repeats: int = 5) -> dict:
-    """The GPU's measured dense matmul peak per compute type (GFLOP/s, or GOP/s for int8), at
-    sizes that fill a large GPU: fp32 with TF32 off, tf32, fp16, bf16 and int8 (``torch._int_mm``).
-    A variant's fraction of peak is taken against the peak of its own compute type, so fp16/int8
-    rows are not divided by the FP32 figure (which put them above 100%)."""
-    import torch
-
-    peaks = {}
-    saved = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for ctype in ("fp32", "tf32", "fp16", "bf16", "int8"):
-            torch.backends.cuda.matmul.allow_tf32 = ctype == "tf32"
-            try:
-                peaks[ctype] = _gpu_peak_one(ctype, device, sizes, repeats)
-            except Exception as exc:  # e.g. int8 matmul or bf16 not supported on this GPU
-                peaks[ctype] = {"gflops": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-    return peaks
-
-
-def _gpu_peak_one(ctype: str, device: str, sizes: Sequence[int], repeats: int) -> dict:
-    import torch
-
-    runs = []
-    for n in sizes:
-        if ctype == "int8":
-            a = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
-            b = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
-            op = lambda: torch._int_mm(a, b)  # noqa: E731 - int8 x int8 -> int32, the tensor-core path
-        else:
-            dt = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ctype]
-            a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
-            op = lambda: a @ b  # noqa: E731
-        op()
-        timer, best = CudaTimer(device), math.inf
-        for _ in range(repeats):
-            best = min(best, timer(op))
-        runs.append({"n": n, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9})
-    return {"gflops": max(r["gflops"] for r in runs), "runs": runs,
-            "method": f"best of {repeats} synchronised calls, n x n at n in {list(sizes)}"}
-
-
-def peak_for(precision: str, peaks: Optional[Mapping], tf32: bool = False) -> tuple[Optional[float], Optional[str]]:
-    """(peak FLOP/s, compute type) a GPU row of ``precision`` is measured against; fp32 rows that
-    run with TF32 enabled are measured against the TF32 peak."""
-    ctype = COMPUTE_TYPES.get(str(precision).lower(), "fp32")
-    if ctype == "fp32" and tf32:
-        ctype = "tf32"
-    entry = (peaks or {}).get(ctype) or {}
-    return (entry["gflops"] * 1e9, ctype) if entry.get("gflops") else (None, ctype)
-
-
 # ----------------------------------------------------------------------------- memory
 def _rss_bytes() -> int:
     import psutil
@@ -400,45 +349,6 @@ def synthetic_batch(batch: int, seq: int, vocab_size: int = 30522, with_token_ty
     return out
 
 
-# what each GPU memory figure of the memory probe covers (stored beside the figures in results.json)
-GPU_MEMORY_NOTES = {
-    "cuda_max_allocated_mb": "torch's caching allocator only (misses ONNX Runtime's and TensorRT's own allocations)",
-    "nvml_process_used_mb": "this process on this GPU, every allocator and the CUDA context (NVML, by process id)",
-    "trt_engine_device_memory_mb": "the TensorRT engine's own activation memory (engine.device_memory_size_v2)",
-}
-
-
-def gpu_uuid(index: int) -> Optional[str]:
-    """NVML's UUID string ("GPU-...") of torch's CUDA device ``index``: NVML numbers GPUs by
-    physical index, torch by CUDA_VISIBLE_DEVICES order, so the handle must come by UUID."""
-    import torch
-
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is None:
-        return None
-    text = str(uuid)
-    return text if text.startswith("GPU-") else f"GPU-{text}"
-
-
-def nvml_process_memory(index: int, pid: Optional[int] = None, nvml=None) -> dict:
-    """GPU memory NVML attributes to process ``pid`` (default: this one) on torch's device ``index``:
-    {"nvml_process_used_mb": float} or {"nvml_error": why}. ``nvml`` is the pynvml module (injectable)."""
-    try:
-        if nvml is None:
-            import pynvml as nvml
-        nvml.nvmlInit()
-        uuid = gpu_uuid(index)
-        handle = nvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else nvml.nvmlDeviceGetHandleByIndex(index)
-        pid = os.getpid() if pid is None else pid
-        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return {"nvml_process_used_mb": proc.usedGpuMemory / 2**20, "gpu_uuid": uuid}
-        return {"nvml_error": f"NVML lists no memory for process {pid} on {uuid or index} "
-                              "(another PID namespace, e.g. a container without --pid=host?)"}
-    except Exception as exc:  # nvidia-ml-py missing, no NVML, no permission
-        return {"nvml_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}".strip()}
-
-
 def probe_memory(spec: Mapping) -> dict:
     """Runs IN the fresh process: build the predictor with ``spec['factory']`` and run one
     ``batch`` x ``seq`` batch ``runs`` times; report load time and memory."""
@@ -473,20 +383,9 @@ def probe_memory(spec: Mapping) -> dict:
     }
     out["model_rss_mb"] = out["peak_rss_mb"] - out["rss_before_load_mb"]
     if cuda:
-        out.update(_gpu_memory(predictor, device))
-    return out
+        from .gpu_measure import gpu_memory
 
-
-def _gpu_memory(predictor, device: str) -> dict:
-    import torch
-
-    index = torch.device(device).index or 0
-    torch.cuda.synchronize(index)
-    out = {"cuda_max_allocated_mb": torch.cuda.max_memory_allocated(index) / 2**20,
-           **nvml_process_memory(index), "gpu_memory_notes": dict(GPU_MEMORY_NOTES)}
-    engine_bytes = getattr(getattr(predictor, "runner", None), "device_memory_bytes", None)
-    if engine_bytes is not None:
-        out["trt_engine_device_memory_mb"] = engine_bytes / 2**20
+        out.update(gpu_memory(predictor, device))
     return out
 
 

@@ -193,6 +193,7 @@ def _time_predictor(name: str, predictor, cfg: SmokeConfig, model_dir: str, text
     import torch
 
     from . import benchmarking as bm
+    from . import gpu_measure as gm
     from . import export as ex
     from . import modeling
 
@@ -200,7 +201,7 @@ def _time_predictor(name: str, predictor, cfg: SmokeConfig, model_dir: str, text
     cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    timer = bm.CudaTimer(cfg.device) if cuda else _wall_timer
+    timer = gm.CudaTimer(cfg.device) if cuda else _wall_timer
     figures = {}
     for b in (1, 32):
         batch = _inputs(predictor, bm.synthetic_batch(b, cfg.max_length, vocab))

@@ -30,6 +30,8 @@ class VariantSpec:
     install_hint: str = ""
     deployable: bool = False    # the SageMaker handler can serve it
     fp32_parity: bool = False   # must match PyTorch within --parity-tolerance (else the stage fails)
+    batch_dependent: bool = False  # activations quantized at run time, per batch: what shares a batch
+                                   # changes a text's prediction (compare measures batch-1 accuracy)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -78,9 +80,10 @@ for _spec in (
                 "model.onnx", _BUILD + "build_opt", deployable=True, fp32_parity=True),
     # DynamicQuantizeMatMul/QAttention: CPU kernels only
     VariantSpec("ort-int8", "int8", "onnxruntime", "int8", "onnx", "model.int8.onnx", ("cpu",), _ORT,
-                "model.opt.onnx", _BUILD + "build_int8", deployable=True),
+                "model.opt.onnx", _BUILD + "build_int8", deployable=True,
+                batch_dependent=True),
     VariantSpec("ort-int4", "int4", "onnxruntime", "int4", "onnx", "model.int4.onnx", ("cpu", "cuda"), _ORT,
-                "model.onnx", _BUILD + "build_int4", deployable=True),
+                "model.onnx", _BUILD + "build_int4", deployable=True, batch_dependent=True),  # int8 compute
     VariantSpec("ort-fp16", "fp16", "onnxruntime", "fp16", "onnx", "model.fp16.onnx", ("cpu", "cuda"), _ORT,
                 "model.onnx", _BUILD + "build_fp16", deployable=True),
     VariantSpec("ort-qdq", "qdq", "onnxruntime", "int8", "onnx", "model.qdq.onnx", ("cpu", "cuda"), _ORT,

@@ -15,6 +15,8 @@ from test_aws_support import ACCOUNT, REGION, ROLE, SECRET, aws_env, moto_post, 
 from bertopt.errors import PipelineError
 
 ENDPOINT = "bertopt-sentiment"
+DESCRIBE_ANSWER = {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
+                   "device": "cpu", "providers": ["CPUExecutionProvider"]}
 SMOKE_ANSWER = [{"label": "positive", "score": 0.91}, {"label": "negative", "score": 0.88},
                 {"label": "positive", "score": 0.55}]
 
@@ -37,8 +39,11 @@ def aws(monkeypatch, moto_url):
     aws_env(monkeypatch, moto_url)
     result = {"Body": json.dumps(SMOKE_ANSWER), "ContentType": "application/json",
               "InvokedProductionVariant": "AllTraffic", "CustomAttributes": ""}
+    # moto answers a request it has seen before with the same result, a new one with the next:
+    # the smoke test's predictions, then its {"describe": true}, then users' requests
     moto_post(moto_url, "/moto-api/static/sagemaker/endpoint-results",
-              {"results": [result] * 10, "region": REGION, "account_id": ACCOUNT})
+              {"results": [result, dict(result, Body=json.dumps(DESCRIBE_ANSWER))] + [result] * 8,
+               "region": REGION, "account_id": ACCOUNT})
     return moto_url
 
 
@@ -115,6 +120,7 @@ def test_full_deploy_invoke_and_cleanup(aws, tmp_path, saved, capsys):
         ("endpoint", "created"), ("log-group", "created")]
     assert all(r["arn"].startswith("arn:aws:sagemaker:us-east-1:123456789012:") for r in rec["resources"][2:5])
     assert rec["smoke_test"] == SMOKE_ANSWER and "0.910  A gripping" in out and "billed until" in out
+    assert "serving from cpu (onnxruntime, ort-fp32)" in out
 
     inv = inventory()
     bucket = f"bertopt-{ACCOUNT}-{REGION}"
@@ -359,6 +365,44 @@ def _stubbed_aws():
 
     sm = boto3.client("sagemaker", region_name=REGION)
     return Aws(REGION, clients={"sagemaker": sm}), Stubber(sm)
+
+
+def _stubbed_runtime(*bodies):
+    import io
+
+    import boto3
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from bertopt.aws.session import Aws
+
+    rt = boto3.client("sagemaker-runtime", region_name=REGION)
+    stub = Stubber(rt)
+    for body in bodies:
+        raw = json.dumps(body).encode()
+        stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(raw), len(raw)),
+                                              "ContentType": "application/json"})
+    stub.activate()
+    return Aws(REGION, clients={"sagemaker-runtime": rt}), stub
+
+
+def test_smoke_test_fails_when_a_gpu_endpoint_serves_from_the_cpu(monkeypatch):
+    """The smoke test asks the endpoint what it serves from; a GPU deploy answered from the CPU
+    (or by a handler that does not describe itself) fails it, so the deploy rolls back."""
+    from bertopt.aws import smoke
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    aws, stub = _stubbed_runtime(SMOKE_ANSWER, DESCRIBE_ANSWER)
+    with pytest.raises(PipelineError, match=r"serves from cpu \(providers \['CPUExecutionProvider'\]\), but it "
+                                            r"was deployed for cuda"):
+        smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda")
+    stub.assert_no_pending_responses()
+    aws, _ = _stubbed_runtime(SMOKE_ANSWER, SMOKE_ANSWER)
+    with pytest.raises(PipelineError, match="did not describe its model"):
+        smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cpu")
+    aws, _ = _stubbed_runtime(SMOKE_ANSWER, dict(DESCRIBE_ANSWER, device="cuda"))
+    assert smoke.smoke_test(aws, ENDPOINT, ["negative", "positive"], device="cuda") == SMOKE_ANSWER
 
 
 def test_failed_endpoint_prints_reason_and_rolls_back(aws, tmp_path, saved):

@@ -16,6 +16,7 @@ import pytest
 
 from test_aws_support import LABELS, tiny_stages, write_results
 
+from bertopt.aws.choice import resolve_model
 from bertopt.errors import ConfigError, MissingArtifact, PipelineError
 
 
@@ -160,7 +161,7 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     import onnxruntime
 
     assert f"onnxruntime=={onnxruntime.__version__}" in reqs.splitlines() and "--no-index" not in reqs
-    again = packaging.build_archive(packaging.resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
+    again = packaging.build_archive(resolve_model(cfg_for(tmp_path, saved, max_batch=8, max_chars=200)),
                                     cfg_for(tmp_path, saved, max_batch=8, max_chars=200), tmp_path / "again.tar.gz")
     assert again.sha256 == archive.sha256  # byte-for-byte reproducible
 
@@ -214,17 +215,17 @@ def test_vendor_wheels(tmp_path, saved):
     empty.mkdir()
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(empty))
     with pytest.raises(ConfigError, match="no .whl files"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
     other = tmp_path / "other"
     _fake_wheel(other, "flatbuffers", "25.1.1")
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(other))
     with pytest.raises(ConfigError, match=r"no wheel for onnxruntime==.*pip download"):
-        packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
+        packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "a.tar.gz")
 
     wheels = tmp_path / "wheels"
     _fake_wheel(wheels, "onnxruntime", onnxruntime.__version__)
     cfg = cfg_for(tmp_path, saved, vendor_wheels=str(wheels))
-    info = packaging.build_archive(packaging.resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
+    info = packaging.build_archive(resolve_model(cfg), cfg, tmp_path / "v.tar.gz")
     assert f"code/wheels/onnxruntime-{onnxruntime.__version__}-py3-none-any.whl" in info.members
     unpacked = packaging.extract_archive(info.path, tmp_path / "unpacked")
     reqs = (unpacked / "code" / "requirements.txt").read_text().splitlines()
@@ -242,36 +243,35 @@ def test_vendor_wheels(tmp_path, saved):
 
 # ----------------------------------------------------------------------------- model choice
 def test_resolve_model_sources(tmp_path, saved):
-    from bertopt.aws import packaging
 
     reports = tmp_path / "reports"
     with pytest.raises(PipelineError, match=r"results.json \(run `python compare.py` first, or choose the model"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "onnx")
-    choice = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+    choice = resolve_model(cfg_for(tmp_path, saved, model_path=None))
     assert (choice.variant, choice.backend, choice.path.name, choice.label_names, choice.max_length) == (
         "ort-fp32", "onnxruntime", "model.onnx", LABELS, 64)
     assert choice.origin.startswith("recommendation in")
     write_results(reports, saved, None)
     with pytest.raises(PipelineError, match="holds no recommendation.*--variant"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, "tensorrt")
     with pytest.raises(PipelineError, match="TensorRT engine"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     onnx_dir = saved / "onnx" / "baseline"
     by_name = {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
                "device": "cpu", "path": None, "model_dir": str(onnx_dir), "onnx_variant": "fp32", "reason": "r"}
     write_results(reports, saved, by_name)  # a row naming its ONNX variant instead of the file
-    assert packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
+    assert resolve_model(cfg_for(tmp_path, saved, model_path=None)).path == onnx_dir / "model.onnx"
     write_results(reports, saved, {**by_name, "device": "cuda"})
     with pytest.raises(PipelineError, match="measured on cuda; deploy it on a GPU --instance-type"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
     write_results(reports, saved, {**by_name, "path": str(onnx_dir / "model.int8.onnx")})
     with pytest.raises(MissingArtifact, match="model.int8.onnx .run `python onnx_tensorrt.py`"):
-        packaging.resolve_model(cfg_for(tmp_path, saved, model_path=None))
+        resolve_model(cfg_for(tmp_path, saved, model_path=None))
 
     def by_variant(v, **kw):
-        return packaging.resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
+        return resolve_model(_variant_cfg(tmp_path, saved, v, **kw))
 
     assert by_variant("ort-fp32").path == saved / "onnx" / "baseline" / "model.onnx"
     assert by_variant("baseline:torch").backend == "torch"
@@ -284,7 +284,7 @@ def test_resolve_model_sources(tmp_path, saved):
     assert by_variant("fp16", instance_type="ml.g5.xlarge").precision == "fp16"
     with pytest.raises(MissingArtifact, match=r"pruned.*python prune.py"):
         by_variant("pruned:torch")
-    torch_dir = packaging.resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
+    torch_dir = resolve_model(cfg_for(tmp_path, saved, model_path=str(saved / "baseline")))
     assert (torch_dir.backend, torch_dir.label_names) == ("torch", LABELS)
 
 
@@ -333,6 +333,29 @@ def test_local_endpoint_contract(served):
     assert status == 200 and len(json.loads(body)) == 1
     status, _, body = http(url, "/invocations", b'good film, really\n"bad, truly bad"\n', content_type="text/csv")
     assert status == 200 and len(json.loads(body)) == 2
+
+
+def test_local_endpoint_describes_what_it_serves_from(served):
+    """{"describe": true} (what the deploy's smoke test asks): the device and providers in use."""
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": true}')
+    info = json.loads(body)
+    assert status == 200 and info["device"] == "cpu" and info["backend"] == "onnxruntime"
+    assert info["providers"] == ["CPUExecutionProvider"] and info["variant"] == "ort-fp32"
+    status, _, body = http(served["endpoint"].url, "/invocations", b'{"describe": false}')
+    assert status == 400 and "inputs" in json.loads(body)["error"]  # only the exact request describes
+
+
+def test_gpu_torch_archive_refuses_to_serve_from_the_cpu(saved, monkeypatch):
+    """A GPU archive on a host where torch sees no CUDA: model_fn fails (the endpoint never reports
+    healthy) instead of quietly serving from the CPU."""
+    import torch
+
+    from bertopt.aws.serving import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="serves from a GPU, but torch sees no CUDA device"):
+        inference._make_predictor(str(saved / "baseline"), {"backend": "torch", "device": "cuda"})
+    assert inference._make_predictor(str(saved / "baseline"), {"backend": "torch"}).device == "cpu"
 
 
 @pytest.mark.parametrize("body,ctype,accept,status,fragment", [
@@ -534,11 +557,13 @@ def test_thread_plan_container_env_and_cost():
     from bertopt.aws.deploy import container_env
 
     assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 2, 32)
+    assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
     assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
-    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 2, 4)
+    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 1, 4)
     env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
                                         instance_type="ml.c5.2xlarge"), "us-east-1")
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     serverless = container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
     assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in serverless and serverless["BERTOPT_BATCH_WAIT_MS"] == "0"
     # $0.1345/h at 100 requests/s: 360,000 requests an hour -> $0.3736 per million
@@ -566,3 +591,6 @@ def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, 
     assert res["modes"]["micro-batching"]["at_2x_per_request"]["requests"] > 0
     assert res["pricing"]["instance_type"] == "ml.m5.large" and res["pricing"]["as_of"]
     assert res["cost_per_million"]["per-request"] > 0 and res["speedup"] > 0
+    ceiling = res["model_only"]  # the bare model at batch 1 and 32: the most batching can gain
+    assert ceiling["batch1_texts_per_s"] > 0 and ceiling["ratio"] == pytest.approx(
+        ceiling["batch32_texts_per_s"] / ceiling["batch1_texts_per_s"], abs=0.01)

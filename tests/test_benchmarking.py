@@ -273,3 +273,29 @@ def test_run_interleaved_stops_early_only_once_every_spread_is_within_tolerance(
     assert stats["rounds"] == 5 and times["b"] == pytest.approx([0.02, 0.03, 0.02, 0.02, 0.02])  # b is noisy
     times, stats = runner({"a": [10, 10, 10, 10, 10], "b": [20, 20, 20, 20, 20]})
     assert bm.relative_spread(times["a"]) == pytest.approx(0.0) and bm.relative_spread([]) == float("inf")
+
+
+def test_run_interleaved_stops_timing_a_dominated_task_but_never_a_kept_one():
+    """From round min_repeats on, a task whose fastest call is slower than the leader's slowest
+    is dropped; the kept ones (the headline's denominators) and close contenders get every round."""
+    clock = FakeClock()
+    calls = {n: 0 for n in ("leader", "close", "slow", "reference")}
+    # noisy leader (8-12 ms), a contender overlapping it (11-15 ms), a clearly slower one (30 ms),
+    # and the even slower reference that must be kept
+    pattern = {"leader": [8, 12, 10, 9, 11], "close": [13, 15, 11, 12, 14], "slow": [30] * 5, "reference": [90] * 5}
+
+    def task(name):
+        def go():
+            clock.now += pattern[name][calls[name]] / 1000
+            calls[name] += 1
+        return go
+
+    stats: dict = {}
+    times = bm.run_interleaved({n: task(n) for n in pattern}, repeats=5, warmup=0, clock=clock, stats=stats,
+                               min_repeats=3, tolerance=0.05, keep=("reference",))
+    assert len(times["slow"]) == 3 and stats["dominated"] == {"slow": 3}
+    assert len(times["leader"]) == len(times["close"]) == len(times["reference"]) == 5
+    calls.update(dict.fromkeys(calls, 0))
+    full = bm.run_interleaved({n: task(n) for n in pattern}, repeats=5, warmup=0, clock=clock,
+                              min_repeats=3, tolerance=0.05)
+    assert all(len(t) == 5 for t in full.values())  # without keep= nothing is dropped

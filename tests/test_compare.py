@@ -363,3 +363,28 @@ def test_latency_task_discards_a_disturbed_round():
     task()
     assert calls == ["a", "a", "b", "a", "a", "b", "c", "c"]
     assert len(task.e2e) == 3 and len(task.model) == 3 and len(task.round_p50) == 2
+
+
+def test_fast_protocol_asks_batch1_accuracy_only_of_runtime_quantized_rows(monkeypatch):
+    """Batch composition changes predictions only where activations are quantized at run time
+    (ONNX Runtime dynamic int8, int4 at accuracy level 4); the fast protocol skips the others."""
+    from types import SimpleNamespace
+
+    import importlib
+
+    from bertopt.compare.config import PROTOCOLS
+
+    measure_mod = importlib.import_module("bertopt.compare.measure")  # the package exports a function of that name
+
+    asked = []
+    monkeypatch.setattr(measure_mod, "classify_texts", lambda pred, *a, **kw: asked.append(pred) or [0])
+    live = [SimpleNamespace(name=n, registry=reg, batching=bt) for n, reg, bt in [
+        ("torch-fp32-padded", "torch-fp32", "padded"), ("torch-fp32", "torch-fp32", "dynamic"),
+        ("ort-fp32", "ort-fp32", "dynamic"), ("ort-int8", "ort-int8", "dynamic"), ("ort-int4", "ort-int4", "dynamic"),
+        ("ort-qdq", "ort-qdq", "dynamic"), ("ov-int8", "ov-int8", "dynamic"), ("mp-torch-bf16", None, "dynamic")]]
+    opened = SimpleNamespace(live=live, preds={v.name: v.name for v in live})
+    setup = lambda name: SimpleNamespace(proto=PROTOCOLS[name], tokenizer=None, texts=[], max_length=8,  # noqa: E731
+                                         with_tt=False)
+    assert set(measure_mod.batch1_accuracy(setup("fast"), opened)) == {"ort-int8", "ort-int4"}
+    assert set(measure_mod.batch1_accuracy(setup("full"), opened)) == {v.name for v in live} - {"torch-fp32-padded"}
+    assert PROTOCOLS["fast"]["warmup"] == 1 and PROTOCOLS["full"]["warmup"] == 2

@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bertopt import benchmarking as bm
+from bertopt import gpu_measure as gm
 from bertopt import runtimes
 from bertopt import tensorrt as trt_mod
+from bertopt.aws.choice import ModelChoice
 from bertopt.errors import BackendUnavailable, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,7 +344,7 @@ def test_cuda_timer_times_the_synchronous_call_not_default_stream_events(monkeyp
         raise AssertionError("default-stream CUDA events do not bracket work on a predictor's own stream")
 
     monkeypatch.setattr(torch.cuda, "Event", no_events)
-    seconds = bm.CudaTimer("cuda:0")(lambda: sum(range(10000)))
+    seconds = gm.CudaTimer("cuda:0")(lambda: sum(range(10000)))
     assert seconds > 0 and len(syncs) == 2
 
 
@@ -352,17 +353,17 @@ def test_gpu_peaks_per_compute_type(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     before = torch.backends.cuda.matmul.allow_tf32
-    peaks = bm.gpu_matmul_peaks(device="cpu", sizes=(64,), repeats=1)  # the same code path, on the CPU
+    peaks = gm.gpu_matmul_peaks(device="cpu", sizes=(64,), repeats=1)  # the same code path, on the CPU
     assert set(peaks) == {"fp32", "tf32", "fp16", "bf16", "int8"}
     assert all(p.get("gflops") or p.get("error") for p in peaks.values())
     assert peaks["fp32"]["gflops"] > 0 and torch.backends.cuda.matmul.allow_tf32 == before
     table = {"fp32": {"gflops": 50.0}, "tf32": {"gflops": 400.0}, "fp16": {"gflops": 900.0},
              "int8": {"gflops": 1800.0}}
-    assert bm.peak_for("fp16", table) == (900e9, "fp16")
-    assert bm.peak_for("int8", table) == (1800e9, "int8")
-    assert bm.peak_for("fp32", table) == (50e9, "fp32")
-    assert bm.peak_for("fp32", table, tf32=True) == (400e9, "tf32")
-    assert bm.peak_for("bf16", table) == (None, "bf16")  # not measured: no fraction rather than a wrong one
+    assert gm.peak_for("fp16", table) == (900e9, "fp16")
+    assert gm.peak_for("int8", table) == (1800e9, "int8")
+    assert gm.peak_for("fp32", table) == (50e9, "fp32")
+    assert gm.peak_for("fp32", table, tf32=True) == (400e9, "tf32")
+    assert gm.peak_for("bf16", table) == (None, "bf16")  # not measured: no fraction rather than a wrong one
 
 
 def test_nvml_memory_is_per_process_and_by_uuid(monkeypatch):
@@ -376,11 +377,11 @@ def test_nvml_memory_is_per_process_and_by_uuid(monkeypatch):
         nvmlDeviceGetHandleByIndex=lambda i: pytest.fail("NVML indices are not CUDA_VISIBLE_DEVICES indices"),
         nvmlDeviceGetComputeRunningProcesses=lambda h: [SimpleNamespace(pid=1, usedGpuMemory=9 << 20),
                                                          SimpleNamespace(pid=42, usedGpuMemory=300 << 20)])
-    out = bm.nvml_process_memory(0, pid=42, nvml=fake)
+    out = gm.nvml_process_memory(0, pid=42, nvml=fake)
     assert asked == ["GPU-1234-abcd"] and out["nvml_process_used_mb"] == 300
-    missing = bm.nvml_process_memory(0, pid=7, nvml=fake)
+    missing = gm.nvml_process_memory(0, pid=7, nvml=fake)
     assert "nvml_process_used_mb" not in missing and "process 7" in missing["nvml_error"]
-    assert set(bm.GPU_MEMORY_NOTES) >= {"cuda_max_allocated_mb", "nvml_process_used_mb", "trt_engine_device_memory_mb"}
+    assert set(gm.GPU_MEMORY_NOTES) >= {"cuda_max_allocated_mb", "nvml_process_used_mb", "trt_engine_device_memory_mb"}
 
 
 # ----------------------------------------------------------------------------- AMP precision
@@ -427,7 +428,7 @@ def test_gpu_install_files_split_what_pypi_serves_from_tensorrt():
 def test_gpu_archive_pins_an_onnxruntime_of_the_containers_cuda_major(tmp_path):
     from bertopt.aws import config, packaging
 
-    choice = packaging.ModelChoice(variant="ort-int8", backend="onnxruntime", precision="int8",
+    choice = ModelChoice(variant="ort-int8", backend="onnxruntime", precision="int8",
                                    path=tmp_path / "model.int8.onnx", model_dir=tmp_path, label_names=["a", "b"],
                                    max_length=128, origin="test", devices=("cpu", "cuda"))
     assert "cu124" in config.IMAGE_TAGS["gpu"]

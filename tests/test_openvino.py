@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bertopt import variants
+from bertopt.aws.choice import resolve_model
 from bertopt.errors import BackendUnavailable
 
 
@@ -104,7 +105,7 @@ def test_a_recommended_openvino_variant_is_packaged_and_served(with_openvino, bu
     (reports / "results.json").write_text(json.dumps({"recommendation": rec}))
     cfg = SimpleNamespace(reports_dir=str(reports), model_path=None, variant=None, gpu=False, max_length=64,
                           max_batch=8, max_chars=100, vendor_wheels=None, batch_wait_ms=2.0, batch_max_texts=64)
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     assert choice.backend == "openvino" and choice.path.name == "model.ov-int8.xml"
     members = dict(packaging.archive_members(choice, cfg))
     assert {"model.ov-int8.xml", "model.ov-int8.bin", "serving.json", "code/bertopt_runtime/runtimes.py"} <= set(members)

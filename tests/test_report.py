@@ -362,7 +362,8 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
                                              "pass": "0 errors"},
         "modes": {"per-request": mode(210.0, 88.0), "micro-batching": batching}, "speedup": 2.48,
         "pricing": {"instance_type": "ml.m5.large", "note": "measured here", "source": "pinned 2025-10"},
-        "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072}}))
+        "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072},
+        "model_only": {"threads": 2, "batch1_texts_per_s": 803.0, "batch32_texts_per_s": 1530.0, "ratio": 1.91}}))
     html = report.render_report(path).read_text()
     section = html[html.index('<section id="serving">'):]
     section = section[:section.index("</section>")]
@@ -370,6 +371,7 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
     rows = re.findall(r"<tr><td class=\"l\">([a-z-]+)</td><td>([\d.]+)</td>", section)
     assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
     assert "0.178" in section and "0.072" in section
+    assert "runs 803 texts/s" in section and "1530 texts/s in batches of 32: 1.91×" in section
 
 
 def test_training_curves_show_eval_accuracy_per_step():

@@ -126,9 +126,15 @@ def test_precision_resolution_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     plan = training.resolve_precision("amp", cpu)
     assert not plan.available and "no native bf16" in plan.reason and "--force" in plan.reason
-    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
     plan = training.resolve_precision("amp", cpu)
     assert plan.available and plan.autocast_dtype == torch.bfloat16 and not plan.grad_scaler
+    # AVX512-BF16 without AMX: bf16 is native but measured slower than fp32, so amp (the default) skips
+    # it and an explicit --precision bf16 runs it
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    plan = training.resolve_precision("amp", cpu)
+    assert not plan.available and "no AMX-BF16" in plan.reason and "--precision bf16" in plan.reason
+    assert training.resolve_precision("bf16", cpu).available
     assert not training.resolve_precision("fp16", cpu).available
 
 

@@ -9,7 +9,6 @@ Every resource is tagged ``bertopt:project`` + ``bertopt:deployment-id`` and rec
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from .. import artifacts, logs
 from ..cli import StageResult, print_config
 from ..errors import MissingArtifact, PipelineError
 from ..logs import stage_logging
-from . import cleanup, instances, operate, packaging
+from . import cleanup, instances, operate, packaging, smoke
+from .choice import resolve_model
 from .config import (DEPLOYMENT_TAG, LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsDeployConfig, dlc_image_uri,
                      role_account)
 from .record import Deployment
@@ -29,9 +29,6 @@ from .session import Aws, aws_error, is_not_found, wait
 log = logging.getLogger("bertopt.aws.deploy")
 
 STAGE = "aws"
-SMOKE_TEXTS = ["A gripping, beautifully acted film that stays with you.",
-               "Dull, predictable and far too long.",
-               "The soundtrack is fine."]
 # fields that change what gets deployed (the skip fingerprint)
 RESULT_FIELDS = ("aws_region", "aws_account_id", "aws_role_arn", "endpoint_name", "variant", "model_path", "bucket",
                  "s3_prefix", "instance_type", "instance_count", "serverless_memory", "serverless_concurrency",
@@ -295,31 +292,6 @@ def _create(aws: Aws, cfg: AwsDeployConfig, record: Deployment, image: str, s3_u
                                            f"{group}, kept for reading)")
 
 
-def smoke_test(aws: Aws, endpoint: str, label_names: list) -> list:
-    """Invoke the endpoint with a few sentences; PipelineError if the answer is not as specified."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        resp = aws.client("sagemaker-runtime").invoke_endpoint(
-            EndpointName=endpoint, ContentType="application/json", Accept="application/json",
-            Body=json.dumps({"inputs": SMOKE_TEXTS}).encode())
-        body = resp["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise aws_error(exc, f"invoking endpoint {endpoint}") from None
-    try:
-        preds = json.loads(body)
-        ok = (isinstance(preds, list) and len(preds) == len(SMOKE_TEXTS)
-              and all(p.get("label") in label_names and 0.0 <= float(p.get("score")) <= 1.0 for p in preds))
-    except (ValueError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        raise PipelineError(f"smoke test: endpoint {endpoint} answered {body[:200]!r}, expected "
-                            f"{len(SMOKE_TEXTS)} {{label, score}} predictions")
-    for text, p in zip(SMOKE_TEXTS, preds):
-        print(f"  {p['label']:>10s} {float(p['score']):.3f}  {text}")
-    return preds
-
-
 # ---------------------------------------------------------------------------------------- run
 def _new_record(directory: Path, cfg, aws: Aws, choice, archive, carried: list) -> Deployment:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -367,7 +339,7 @@ def run(cfg: AwsDeployConfig, aws: Optional[Aws] = None) -> StageResult:
             from .update import run_update
 
             return run_update(cfg, directory, aws, start)
-        choice = packaging.resolve_model(cfg)
+        choice = resolve_model(cfg)
         log.info("model: %s (%s, %s) from %s", choice.variant, choice.backend, choice.precision, choice.origin)
         fp = fingerprint(cfg, choice)
         record = Deployment.load(directory)
@@ -419,7 +391,7 @@ def _smoke_and_operate(cfg, aws, record, label_names, created):
     preds = None
     if cfg.smoke_test:
         try:
-            preds = smoke_test(aws, cfg.endpoint_name, label_names)
+            preds = smoke.smoke_test(aws, cfg.endpoint_name, label_names, smoke.serving_device(cfg))
         except PipelineError as exc:
             record.update(smoke_test={"error": str(exc)})
             raise _fail(aws, cfg, record, created, f"endpoint {cfg.endpoint_name} is InService but the {exc} (logs: "

@@ -90,11 +90,39 @@ def _measure(model_path: str, mode: str, args, workdir: str, check_rate: float |
     return result
 
 
+def model_ceiling(model_path: str, batch: int, seconds: float = 1.5) -> dict:
+    """The bare model's texts/s (no HTTP, no JSON) on the load test's sentences at batch 1 and at
+    ``batch``, with every vCPU: the most micro-batching can gain over per-request runs is the ratio
+    of the two, whatever the server does."""
+    from .. import data, modeling, runtimes
+
+    if not str(model_path).endswith(".onnx"):
+        return {"skipped": "the model-only ceiling is measured for .onnx models"}
+    predictor = runtimes.OrtPredictor(model_path, intra_op_threads=instances.local_vcpus())
+    tokenizer = modeling.load_tokenizer(str(Path(model_path).parent))
+    out = {"threads": instances.local_vcpus(), "seconds_each": seconds}
+    for b in (1, batch):
+        texts = [SENTENCES[i % len(SENTENCES)] for i in range(b)]
+        feed = data.pad_batch(data.tokenize(texts, tokenizer, 128), tokenizer.pad_token_id or 0,
+                              "token_type_ids" in predictor.input_names)
+        for _ in range(10):
+            predictor.predict_logits(feed)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            predictor.predict_logits(feed)
+            runs += 1
+        out[f"batch{b}_texts_per_s"] = round(b * runs / (time.perf_counter() - start), 1)
+    out["ratio"] = round(out[f"batch{batch}_texts_per_s"] / out["batch1_texts_per_s"], 2)
+    return out
+
+
 def run_compare(args) -> dict:
     if not args.model_path:
         raise ValueError("--compare needs --model-path (e.g. saved_models/onnx/baseline/model.int8.onnx)")
     if not Path(args.model_path).exists():
         raise ValueError(f"--model-path {args.model_path}: not found (run `python onnx_tensorrt.py --variants int8`)")
+    ceiling = model_ceiling(args.model_path, 32)
+    print(f"model only (no HTTP): {ceiling}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bertopt-loadtest-") as workdir:
         per = _measure(args.model_path, "per-request", args, workdir)
         batched = _measure(args.model_path, "micro-batching", args, workdir,
@@ -108,6 +136,7 @@ def run_compare(args) -> dict:
                      "seconds_per_step": args.seconds or 4.0, "texts_per_request": 1, "sentences": len(SENTENCES),
                      "pass": "0 errors, >= 95% of the offered rate served, p99 <= target"},
         "modes": modes,
+        "model_only": ceiling,
         "speedup": round(batched["requests_per_s_at_target"] / per["requests_per_s_at_target"], 2)
         if per["requests_per_s_at_target"] else None,
         "pricing": {"instance_type": args.instance_type, "usd_per_hour": price, "as_of": instances.PRICES_AS_OF,

@@ -25,6 +25,7 @@ from .. import artifacts
 from ..cli import StageResult
 from ..errors import BackendUnavailable, PipelineError
 from . import instances, packaging
+from .choice import resolve_model
 
 log = logging.getLogger("bertopt.aws.local")
 
@@ -158,7 +159,7 @@ class InvocationsApp:
         try:
             data = self.handler.input_fn(body, environ.get("CONTENT_TYPE"))
             prediction = self.handler.predict_fn(data, self.model)
-            if not self.batched:  # one request is one model run
+            if not self.batched and isinstance(data, list):  # one request is one model run
                 self.metrics.observe_batch(1, len(data))
             out = self.handler.output_fn(prediction, environ.get("HTTP_ACCEPT") or "application/json")
         except Exception as exc:
@@ -207,7 +208,7 @@ class LocalEndpoint:
 def prepare_local(cfg, directory: Path | None = None):
     """Build model.tar.gz into ``<output_dir>/aws/local/``, unpack it, load its handler.
     Returns (archive info, model dir, handler module, model)."""
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     directory = Path(directory or artifacts.stage_dir(cfg.output_dir, "aws") / "local")
     archive = packaging.build_archive(choice, cfg, directory / packaging.ARCHIVE_NAME)
     model_dir = directory / "model"
@@ -221,7 +222,8 @@ def run_local(cfg) -> StageResult:
     """aws_deploy.py --local: serve until Ctrl-C."""
     start = time.perf_counter()
     plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
-    os.environ.setdefault("BERTOPT_THREADS", str(plan.model_threads))  # read by the handler's model_fn
+    for key, value in {"BERTOPT_THREADS": str(plan.model_threads), **instances.SERVING_ENV}.items():
+        os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer
     archive, model_dir, handler, model = prepare_local(cfg)
     threads = cfg.local_threads or plan.http_threads
     endpoint = LocalEndpoint(InvocationsApp(handler, model), cfg.host, cfg.port, threads)

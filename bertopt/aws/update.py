@@ -18,7 +18,8 @@ from pathlib import Path
 from .. import artifacts
 from ..cli import StageResult
 from ..errors import MissingArtifact, PipelineError
-from . import cleanup, deploy, operate, packaging
+from . import cleanup, deploy, operate, packaging, smoke
+from .choice import resolve_model
 from .record import Deployment
 from .session import Aws, aws_error, wait
 
@@ -120,7 +121,7 @@ def _blue_green(aws, cfg, record, choice, image, old_config, created, update) ->
     _switch(aws, cfg, endpoint, new_config, config)
     update["switched"] = True
     if cfg.smoke_test:
-        deploy.smoke_test(aws, endpoint, choice.label_names)
+        smoke.smoke_test(aws, endpoint, choice.label_names, smoke.serving_device(cfg))
     return [archive, s3_uri]
 
 
@@ -136,7 +137,7 @@ def _revision(record: Deployment, endpoint: str) -> str:
 
 def run_update(cfg, directory: Path, aws: Aws | None, start: float) -> StageResult:
     record = _load_live(cfg, directory)
-    choice = packaging.resolve_model(cfg)
+    choice = resolve_model(cfg)
     if not cfg.force and artifacts.is_current(directory, deploy.fingerprint(cfg, choice)):
         log.info("endpoint %s already serves this model and configuration (--force updates anyway)", cfg.endpoint_name)
         return StageResult("aws_deploy", "up-to-date", time.perf_counter() - start,

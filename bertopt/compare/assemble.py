@@ -173,7 +173,8 @@ def _protocol_facts(s: Setup, sweep: Sweep, e2e: EndToEnd, phases: Phases) -> di
             "e2e_seq_for_batch_choice": e2e.e2e_seq, "interleaving": "round-robin, rotating start each round",
             "timer": "time.perf_counter (CUDA events + synchronisation for GPU rows)",
             "reference": {"name": REFERENCE, "pad_to": PADDED_LENGTH, "batch_size": PADDED_BATCH},
-            "rounds_recorded": {"end_to_end": e2e.rounds, "sweep_cells": sweep.rounds},
+            "rounds_recorded": {"end_to_end": e2e.rounds, "sweep_cells": sweep.rounds,
+                                "end_to_end_dominated_after": e2e.dominated},
             "wall_s": None, "retried_rounds": phases.retried}
 
 

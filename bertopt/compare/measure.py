@@ -11,13 +11,14 @@ from typing import Optional
 
 import numpy as np
 
-from .. import artifacts, modeling
+from .. import artifacts, modeling, variants
 from .. import benchmarking as bm
+from .. import gpu_measure as gm
 from ..config import CommonConfig
 from ..errors import PipelineError
 from ..logs import progress
 from .assemble import _baseline_accuracy, _environment, _loadavg, _rescale_cpu_efficiency, _results, assemble_rows
-from .config import PADDED_BATCH, PADDED_LENGTH, CompareConfig
+from .config import BASELINE_ROW, PADDED_BATCH, PADDED_LENGTH, REFERENCE, CompareConfig
 from .discover import discover
 from .recommend import recommend
 from .workloads import LatencyTask, _inputs_for, classify_texts, single_request
@@ -92,7 +93,7 @@ class Peak:
 
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
         if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
-            return bm.peak_for(v.precision, self.gpu)[0]
+            return gm.peak_for(v.precision, self.gpu)[0]
         return (cpu_gflops or self.before["gflops"]) * 1e9
 
 
@@ -117,6 +118,7 @@ class EndToEnd:
     e2e_seq: int
     mean_len: float
     rounds: int
+    dominated: dict = field(default_factory=dict)  # row -> the round after which it was not timed again
 
 
 class Phases:
@@ -145,7 +147,7 @@ def measure(cfg: CompareConfig) -> dict:
     o = open_predictors(s)
     phases.done("open_predictors")
     peak = Peak(bm.matmul_peak(s.threads, sizes=s.proto["matmul_sizes"]),
-                bm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
+                gm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
     log.info("FP32 matmul peak: %.1f GFLOP/s (%d threads)", peak.before["gflops"], s.threads)
     phases.done("matmul_peak")
     sweep = run_sweep(s, o, peak, phases)
@@ -227,14 +229,19 @@ def open_predictors(s: Setup) -> Opened:
 
 
 def _timers_for(o: Opened, names) -> dict:
-    return {n: bm.CudaTimer() for n in names if next(v for v in o.live if v.name == n).device == "cuda"}
+    return {n: gm.CudaTimer() for n in names if next(v for v in o.live if v.name == n).device == "cuda"}
 
 
 def _adaptive(proto: dict) -> dict:
-    """run_interleaved's early-stop arguments of the protocol (none for the full/quick ones)."""
+    """run_interleaved's early-stop arguments of the protocol (none for the full/quick ones): stop
+    once every spread is within the tolerance, and stop timing a dominated row (never the padded
+    reference or the FP32 baseline, the headline's denominators)."""
     if proto.get("min_repeats") is None:
         return {}
-    return {"min_repeats": proto["min_repeats"], "tolerance": proto["spread_tolerance"]}
+    out = {"min_repeats": proto["min_repeats"], "tolerance": proto["spread_tolerance"]}
+    if proto.get("drop_dominated"):
+        out["keep"] = (REFERENCE, BASELINE_ROW)
+    return out
 
 
 def run_sweep(s: Setup, o: Opened, peak: Peak, phases: Phases) -> Sweep:
@@ -341,7 +348,8 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
                                stats=stats, **_adaptive(s.proto))
     bar.close()
     phases.done("end_to_end", stats)
-    return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0)
+    return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0,
+                    stats.get("dominated") or {})
 
 
 def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
@@ -366,10 +374,14 @@ def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
 
 def batch1_accuracy(s: Setup, o: Opened) -> dict:
     """Untimed predictions of single requests: dynamically quantized models compute activation
-    scales per batch tensor, so their predictions depend on what shares a batch."""
+    scales per batch tensor, so their predictions depend on what shares a batch (the fast protocol
+    asks only those rows; the full protocol asks every dynamically batched row)."""
+    only_dependent = s.proto.get("batch1_only_batch_dependent")
+    rows = [v for v in o.live if v.batching == "dynamic"
+            and (not only_dependent or getattr(variants.REGISTRY.get(v.registry), "batch_dependent", False))]
     return {v.name: classify_texts(o.preds[v.name], s.tokenizer, s.texts, batch_size=1, max_length=s.max_length,
                                    with_tt=s.with_tt)
-            for v in progress([v for v in o.live if v.batching == "dynamic"], desc="batch-1 accuracy", unit="variant")}
+            for v in progress(rows, desc="batch-1 accuracy", unit="variant")}
 
 
 def _probe_names(s: Setup, rows: list[dict]) -> list[str]:
