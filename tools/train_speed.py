@@ -60,11 +60,13 @@ def plain_hf_loop(model, texts, labels, tokenizer, sampler, cfg) -> dict:
 
 
 @contextlib.contextmanager
-def _timed(owner, name):
-    """Accumulate the seconds spent in ``owner.name`` while the block runs."""
+def _timed(owner, name, when=lambda: True):
+    """Accumulate the seconds spent in ``owner.name`` (calls where ``when()`` holds) while the block runs."""
     orig, total = getattr(owner, name), [0.0]
 
     def wrapper(*a, **k):
+        if not when():
+            return orig(*a, **k)
         t0 = time.perf_counter()
         try:
             return orig(*a, **k)
@@ -103,7 +105,7 @@ def bertopt_loop(name, model, train_ds, eval_loader, tok, cfg, training, data) -
                               with_token_type_ids=True)
     with _timed(torch.optim.AdamW, "step") as opt_s, _timed(torch.nn.utils, "clip_grad_norm_") as clip_s, \
             _timed(torch.Tensor, "backward") as bwd_s, \
-            (contextlib.nullcontext([float("nan")]) if run_model is not model else _timed(model, "forward")) as fwd_s:
+            (contextlib.nullcontext([float("nan")]) if run_model is not model else _timed(model, "forward", lambda: model.training)) as fwd_s:
         m = training.train(run_model, loader, eval_loader, cfg, device, plan).metrics
     wall = m["train_time_s"]
     return {"samples_per_s": m["samples_per_s"], "train_time_s": wall,
