@@ -134,8 +134,24 @@ def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
     a("--dataset", metavar="NAME|PATH",
         help="sst2 (default), imdb, or a local CSV/TSV/JSONL/Parquet file or directory")
     a("--data-dir", metavar="DIR", help="where named data sets are looked for (default: {default})")
-    a("--text-column", metavar="COL", help="text column of a local data set (auto-detected)")
-    a("--label-column", metavar="COL", help="label column of a local data set (auto-detected)")
+    a("--text-column", metavar="COL[,COL2]",
+      help="text column of a local data set, a name or an index; two (a,b) for sentence pairs "
+           "(auto-detected, pairs included: sentence1/sentence2, #1 String/#2 String, ...)")
+    a("--label-column", metavar="COL[,...]",
+      help="label column, a name or an index; several 0/1 columns (a,b,c) for multi-label (auto-detected)")
+    a("--no-header", action="store_true", default=None,
+      help="the CSV/TSV files have no header row (detected when the first row looks like data)")
+    a("--task", choices=("classification", "multi-label", "regression"),
+      help="task type (default: detected from the labels: lists = multi-label, real numbers = regression)")
+    a("--metric", metavar="NAME",
+      help="metric that picks the best epoch, gates quantized variants and ranks the recommendation: "
+           "accuracy|f1|macro_f1|mcc, micro_f1|macro_f1|subset_accuracy (multi-label), pearson|spearman|"
+           "neg_mse (regression); default: GLUE convention per task, printed at start")
+    a("--long-text", choices=("truncate", "head-tail", "chunk"),
+      help="texts longer than --max-length: truncate (default), head-tail (first quarter + last three "
+           "quarters of the tokens) or chunk (overlapping windows, logits averaged per text)")
+    a("--stride", type=int, metavar="N", help="--long-text chunk: tokens shared by neighbouring windows "
+                                               "(default: max-length // 4)")
     a("--output-dir", metavar="DIR", help="artifact root (default: {default})")
     a("--reports-dir", metavar="DIR", help="report directory (default: {default})")
     a("--max-length", type=int, metavar="N", help="max tokens per text (default: {default})")
@@ -179,6 +195,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
              "(without the flag a matching checkpoint is resumed automatically)")
     add(g, "--report-to", choices=("none", "tensorboard"),
         help="also write live curves for TensorBoard to <stage dir>/tensorboard (default: none)")
+    add(g, "--class-weights", metavar="auto|none|W1,W2,...",
+        help="cross-entropy class weights: auto = inverse class frequency, none (default), or one per class")
+    add(g, "--threshold", type=float, metavar="T",
+        help="multi-label decision threshold on sigmoid scores (default: tuned on the eval split)")
 
 
 def load_config_file(path: str) -> dict:

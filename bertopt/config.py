@@ -12,6 +12,9 @@ from typing import Optional
 
 from .errors import ConfigError
 
+TASKS = ("classification", "multi-label", "regression")  # bertopt.tasks.TASKS (kept import-light)
+LONG_TEXT = ("truncate", "head-tail", "chunk")
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "amp", "fp16", "bf16")
@@ -44,6 +47,11 @@ class CommonConfig:
     pin_memory: Optional[bool] = None
     force: bool = False
     quiet: bool = False
+    no_header: bool = False
+    task: Optional[str] = None  # None = detected from the labels
+    metric: Optional[str] = None  # None = the task's GLUE-convention default
+    long_text: str = "truncate"
+    stride: Optional[int] = None  # chunk overlap in tokens; None = max_length // 4
 
     def __post_init__(self):
         for name in ("max_train_samples", "max_eval_samples"):  # 0 / 'all' = everything
@@ -76,6 +84,14 @@ class CommonConfig:
             p.append(f"--device must be auto, cpu, cuda or cuda:N (got {dev!r})")
         if self.num_workers is not None and self.num_workers < 0:
             p.append(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.task is not None and self.task not in TASKS:
+            p.append(f"--task must be one of {', '.join(TASKS)} (got {self.task!r})")
+        if self.long_text not in LONG_TEXT:
+            p.append(f"--long-text must be one of {', '.join(LONG_TEXT)} (got {self.long_text!r})")
+        if self.stride is not None and isinstance(self.max_length, int) and not (
+                0 <= self.stride < self.max_length - 2):
+            p.append(f"--stride must be >= 0 and smaller than --max-length minus its 2 special tokens "
+                     f"(got --stride {self.stride} with --max-length {self.max_length})")
         return p
 
     def to_dict(self) -> dict:
@@ -87,10 +103,15 @@ NON_RESULT_FIELDS = {"force", "quiet", "output_dir", "reports_dir", "num_workers
                      # checkpointing and live curves: a resumed run ends with the same weights
                      "save_every", "save_total_limit", "resume", "report_to"}
 REPORT_TO = ("none", "tensorboard")
+# task options added later: left out of the fingerprint at their defaults, so existing stage
+# directories of single-text runs stay current
+TASK_DEFAULTS = {"no_header": False, "task": None, "metric": None, "long_text": "truncate", "stride": None,
+                 "class_weights": "none", "threshold": None}
 
 
 def result_config(cfg) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
+    return {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS
+            and not (k in TASK_DEFAULTS and v == TASK_DEFAULTS[k])}
 
 
 @dataclass
@@ -111,6 +132,8 @@ class TrainConfig(CommonConfig):
     save_total_limit: int = 2
     resume: bool = False              # True = a matching checkpoint must exist
     report_to: str = "none"
+    class_weights: str = "none"  # none | auto | w1,w2,...
+    threshold: Optional[float] = None  # multi-label decision threshold; None = tuned on eval
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -141,7 +164,22 @@ class TrainConfig(CommonConfig):
             p.append(f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})")
         if self.resume and self.force:
             p.append("--resume continues a checkpoint and --force starts afresh: give only one")
+        if class_weight_values(self.class_weights) is False:
+            p.append(f"--class-weights must be auto, none or positive numbers w1,w2,... (got {self.class_weights!r})")
+        if self.threshold is not None and not (0 < self.threshold < 1):
+            p.append(f"--threshold must be in (0, 1) (got {self.threshold})")
         return p
+
+
+def class_weight_values(text):
+    """None for auto/none, a list of floats for w1,w2,...; False when malformed."""
+    if str(text).lower() in ("auto", "none"):
+        return None
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        return False
+    return values if values and all(v > 0 for v in values) else False
 
 
 SENSITIVITY_METHODS = ("removal", "gradient")

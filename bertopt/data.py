@@ -1,35 +1,40 @@
-"""Data sets: resolution by name or path, validation, seeded subsets, tokenization and
-length-grouped, dynamically padded batches."""
+"""Data sets: resolution by name or path, headers, columns (one text or a text pair), validation,
+seeded subsets, tokenization (long-text strategies) and length-grouped, dynamically padded batches.
+Task types and label mapping live in :mod:`bertopt.tasks`."""
 from __future__ import annotations
 
 import csv
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import tasks
 from .errors import DataError, first_line
 
 log = logging.getLogger("bertopt.data")
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
 TEXT_CANDIDATES = ("sentence", "text", "review", "content", "document", "sentence1")
-LABEL_CANDIDATES = ("label", "labels", "sentiment", "target", "class", "y")
+PAIR_CANDIDATES = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
+                   ("#1 string", "#2 string"), ("text", "text_pair"), ("question1", "question2"))
+LABEL_CANDIDATES = ("label", "labels", "sentiment", "target", "class", "y", "quality", "score")
 TRAIN_NAMES = ("train",)
 EVAL_NAMES = ("dev", "validation", "valid", "val", "test")
-KNOWN_LABEL_ORDERS = (("negative", "positive"), ("neg", "pos"), ("false", "true"), ("no", "yes"))
 HUB = {"sst2": ("nyu-mll/glue", "sst2", "train", "validation", "sentence"),
        "imdb": ("stanfordnlp/imdb", None, "train", "test", "text")}
+LONG_TEXT = ("truncate", "head-tail", "chunk")
 
 
 @dataclass
 class TextData:
     texts: list[str]
-    labels: list[int]
+    labels: list  # class ids; multi-hot lists (multi-label); floats (regression)
+    pairs: Optional[list[str]] = None  # the second text of each row (sentence pairs)
 
     def __len__(self):
         return len(self.texts)
@@ -42,33 +47,72 @@ class Splits:
     label_names: list[str]
     source: str
     eval_carved: bool = False
+    task: str = tasks.CLASSIFICATION
+    text_columns: list = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        return 1 if self.task == tasks.REGRESSION else len(self.label_names)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.train.pairs is not None
+
+
+@dataclass
+class RawSplit:
+    texts: list
+    labels: list
+    pairs: Optional[list] = None
+    text_columns: tuple = ()
+    label_columns: tuple = ()
 
 
 # ----------------------------------------------------------------------------- reading files
-def read_table(path: Path):
-    """Read one CSV/TSV/JSONL/Parquet file into a DataFrame with clear errors."""
+def _read(path: Path, suffix: str, header):
     import pandas as pd
 
+    if suffix == ".tsv":
+        # GLUE-style TSV: no quoting (sentences contain bare quote characters); utf-8-sig drops a BOM
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False,
+                           dtype=str, encoding="utf-8-sig", header=header)
+    if suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8-sig", header=header)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise DataError(f"unsupported data file type {suffix!r} ({path}); use one of {', '.join(SUFFIXES)}")
+
+
+def header_looks_like_data(columns) -> Optional[str]:
+    """Why a CSV/TSV's first row looks like a data row rather than a header (None = a header)."""
+    for c in map(str, columns):
+        if tasks.as_float(c) is not None:
+            return f"column name {c!r} is a number"
+        if not c.strip() or c.startswith("Unnamed: "):
+            return "a column name is empty"
+        if len(c.split()) >= 5:
+            return f"column name {c[:40]!r} reads like a sentence"
+    return None
+
+
+def read_table(path: Path, no_header: bool = False):
+    """Read one CSV/TSV/JSONL/Parquet file into a DataFrame with clear errors.
+
+    A CSV/TSV without a header row (``no_header``, or detected: a number, an empty name or a
+    sentence among the column names) gets the columns 0, 1, 2, ... so they can be picked by index."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        if suffix == ".tsv":
-            # GLUE-style TSV: no quoting (sentences contain bare quote characters)
-            df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False,
-                             dtype=str, encoding="utf-8")
-        elif suffix == ".csv":
-            df = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8")
-        elif suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        elif suffix == ".parquet":
-            df = pd.read_parquet(path)
-        else:
-            raise DataError(f"unsupported data file type {suffix!r} ({path}); use one of {', '.join(SUFFIXES)}")
+        df = _read(path, suffix, None if no_header and suffix in (".tsv", ".csv") else "infer")
+        why = header_looks_like_data(df.columns) if suffix in (".tsv", ".csv") and not no_header else None
+        if why:
+            log.warning("%s: the first row looks like data, not a header (%s): reading the file as headerless "
+                        "with columns 0..N-1 (pass --no-header to say so; pick columns by index, e.g. "
+                        "--text-column 3 --label-column 1)", path, why)
+            df = _read(path, suffix, None)
     except DataError:
         raise
     except (UnicodeDecodeError, ValueError, OSError, Exception) as exc:  # pandas/pyarrow raise many types
@@ -76,90 +120,95 @@ def read_table(path: Path):
         raise DataError(f"cannot read {path}: {first}") from None
     if df.shape[1] == 0:
         raise DataError(f"{path} has no columns (is it empty?)")
+    df.columns = [str(c) for c in df.columns]
     return df
 
 
-def _pick_column(df, requested: Optional[str], candidates: Sequence[str], kind: str, path: Path,
-                 exclude: Optional[str] = None) -> str:
-    cols = [str(c) for c in df.columns]
-    if requested:
-        if requested not in cols:
-            raise DataError(f"{path}: no {kind} column {requested!r} (columns: {', '.join(cols)}); "
-                            f"set --{kind}-column")
+def _resolve_name(cols: list[str], requested: str, kind: str, path: Path) -> str:
+    if requested in cols:
         return requested
+    if requested.isdigit() and int(requested) < len(cols):  # a column index
+        return cols[int(requested)]
+    raise DataError(f"{path}: no {kind} column {requested!r} (columns: {', '.join(cols)}); "
+                    f"set --{kind}-column (a name, an index, or two for a pair: a,b)")
+
+
+def _is_texty(df, c) -> bool:
+    values = df[c]
+    return bool(values.map(lambda v: isinstance(v, str) and tasks.as_float(v) is None).mean() > 0.9
+                and values.map(lambda v: len(v) if isinstance(v, str) else 0).mean() > 15)
+
+
+def _pick_text(df, requested: Optional[str], path: Path) -> tuple[str, ...]:
+    cols = list(df.columns)
+    if requested:
+        if requested in cols:
+            return (requested,)
+        parts = [p.strip() for p in requested.split(",")]
+        if len(parts) > 2:
+            raise DataError(f"--text-column {requested!r}: give one column or two (a pair: a,b)")
+        return tuple(_resolve_name(cols, p, "text", path) for p in parts)
     lower = {c.lower(): c for c in cols}
-    for cand in candidates:
-        if cand in lower and lower[cand] != exclude:
-            return lower[cand]
-    others = [c for c in cols if c != exclude]
-    if kind == "text":
-        stringy = [c for c in others if df[c].map(lambda v: isinstance(v, str)).mean() > 0.9]
-        if len(stringy) == 1:
-            return stringy[0]
-    raise DataError(f"{path}: cannot tell which column holds the {kind} (columns: {', '.join(cols)}); "
-                    f"pass --{kind}-column")
+    for a, b in PAIR_CANDIDATES:
+        if a in lower and b in lower:
+            return lower[a], lower[b]
+    for cand in TEXT_CANDIDATES:
+        if cand in lower:
+            return (lower[cand],)
+    stringy = [c for c in cols if df[c].map(lambda v: isinstance(v, str)).mean() > 0.9
+               and df[c].map(lambda v: tasks.as_float(v) is None if isinstance(v, str) else False).mean() > 0.9]
+    if len(stringy) == 1:
+        return (stringy[0],)
+    raise DataError(f"{path}: cannot tell which column holds the text (columns: {', '.join(cols)}); "
+                    "pass --text-column (a name, an index, or two for a pair: a,b)")
 
 
-def _frame_to_raw(df, path: Path, text_col: Optional[str], label_col: Optional[str]):
-    text_col = _pick_column(df, text_col, TEXT_CANDIDATES, "text", path)
-    label_col = _pick_column(df, label_col, LABEL_CANDIDATES, "label", path, exclude=text_col)
-    texts = df[text_col].tolist()
+def _pick_label(df, requested: Optional[str], path: Path, exclude) -> tuple[str, ...]:
+    cols = list(df.columns)
+    if requested:
+        if requested in cols:
+            return (requested,)
+        return tuple(_resolve_name(cols, p.strip(), "label", path) for p in requested.split(","))
+    lower = {c.lower(): c for c in cols}
+    for cand in LABEL_CANDIDATES:
+        if cand in lower and lower[cand] not in exclude:
+            return (lower[cand],)
+    raise DataError(f"{path}: cannot tell which column holds the label (columns: {', '.join(cols)}); "
+                    "pass --label-column (a name, an index, or several 0/1 columns for multi-label: a,b,c)")
+
+
+def _texts(df, col: str, path: Path) -> list[str]:
+    texts = df[col].tolist()
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
-        raise DataError(f"{path}: {len(bad)} row(s) have an empty or non-text {text_col!r} "
+        raise DataError(f"{path}: {len(bad)} row(s) have an empty or non-text {col!r} "
                         f"(first at data row {bad[0] + 1})")
-    return [t.strip() for t in texts], df[label_col].tolist()
+    return [t.strip() for t in texts]
 
 
-# ----------------------------------------------------------------------------- labels
-def _as_int(v):
-    if isinstance(v, (bool, np.bool_)):
-        return None
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)) and not math.isnan(v) and float(v).is_integer():
-        return int(v)
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v.strip())
-    return None
-
-
-def map_labels(split_labels: dict[str, list], where: str) -> tuple[dict[str, list[int]], list[str]]:
-    """Map raw labels of every split to ids 0..K-1; returns (ids per split, label names)."""
-    all_values = [v for labels in split_labels.values() for v in labels]
-    if not all_values:
-        raise DataError(f"{where}: no labels")
-    ints = [_as_int(v) for v in all_values]
-    if all(i is not None for i in ints):
-        values = sorted(set(ints))
-        if values[0] < 0:
-            raise DataError(f"{where}: labels must be integers 0..K-1; found {values[0]} "
-                            "(unlabelled rows such as GLUE test sets use -1: drop them)")
-        k = values[-1] + 1
-        missing = sorted(set(range(k)) - set(values))
-        if missing and len(values) < 2:
-            raise DataError(f"{where}: only one label value ({values[0]}) found; need at least two classes")
+def _frame_to_raw(df, path: Path, text_col: Optional[str], label_col: Optional[str],
+                  like: Optional[RawSplit] = None) -> RawSplit:
+    """Texts (and pairs) and raw labels; ``like`` = the train split, whose columns the eval split must have."""
+    if like is not None:
+        missing = [c for c in like.text_columns + like.label_columns if c not in df.columns]
         if missing:
-            raise DataError(f"{where}: labels must be integers 0..K-1 with every class present; "
-                            f"missing {missing} among 0..{k - 1}")
-        names = [str(i) for i in range(k)]
-        if k == 2:
-            names = ["negative", "positive"]
-        return {s: [_as_int(v) for v in labels] for s, labels in split_labels.items()}, names
-    bad = [v for v in all_values if not isinstance(v, str) or not v.strip()]
-    if bad:
-        raise DataError(f"{where}: labels must be integers 0..K-1 or class names; "
-                        f"cannot map {bad[0]!r} ({len(bad)} such value(s))")
-    names = sorted({v.strip() for v in all_values}, key=str.lower)
-    lowered = [n.lower() for n in names]
-    for order in KNOWN_LABEL_ORDERS:
-        if sorted(lowered) == sorted(order):
-            names = [names[lowered.index(o)] for o in order]
-            break
-    if len(names) < 2:
-        raise DataError(f"{where}: only one label value ({names[0]!r}) found; need at least two classes")
-    index = {n: i for i, n in enumerate(names)}
-    return {s: [index[v.strip()] for v in labels] for s, labels in split_labels.items()}, names
+            raise DataError(f"{path}: no column {missing[0]!r}, which the train split uses "
+                            f"(columns here: {', '.join(df.columns)}); every split needs the same columns")
+        text_cols, label_cols = like.text_columns, like.label_columns
+    else:
+        text_cols = _pick_text(df, text_col, path)
+        label_cols = _pick_label(df, label_col, path, exclude=text_cols)
+        unused = [c for c in df.columns if c not in text_cols + label_cols and _is_texty(df, c)]
+        if len(text_cols) == 1 and unused:
+            log.warning("%s: column %r also looks like text and is not used; for sentence pairs pass "
+                        "--text-column %s,%s", path, unused[0], text_cols[0], unused[0])
+    texts = _texts(df, text_cols[0], path)
+    pairs = _texts(df, text_cols[1], path) if len(text_cols) == 2 else None
+    if len(label_cols) > 1:  # several 0/1 columns: multi-label in column order
+        labels = [list(row) for row in df[list(label_cols)].itertuples(index=False)]
+    else:
+        labels = df[label_cols[0]].tolist()
+    return RawSplit(texts, labels, pairs, tuple(text_cols), tuple(label_cols))
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -199,44 +248,50 @@ def _load_hub(name: str) -> tuple[dict, str]:
             f"or set BERTOPT_DATA_DIR to a directory holding {name}/"
             + (f" (BERTOPT_DATA_DIR={env} has no {name}/train.*)" if env else "")
         ) from None
-    raw = {"train": (ds[train_split][text_col], ds[train_split]["label"]),
-           "eval": (ds[eval_split][text_col], ds[eval_split]["label"])}
+    raw = {"train": RawSplit(ds[train_split][text_col], ds[train_split]["label"], None, (text_col,), ("label",)),
+           "eval": RawSplit(ds[eval_split][text_col], ds[eval_split]["label"], None, (text_col,), ("label",))}
     return raw, f"hub:{repo}" + (f"/{subset}" if subset else "")
 
 
-def _load_dir(directory: Path, text_col, label_col) -> tuple[dict, str]:
+def _load_dir(directory: Path, text_col, label_col, no_header=False) -> tuple[dict, str]:
     train = _find_split_file(directory, TRAIN_NAMES)
     if train is None:
         raise DataError(f"{directory}: no train file (expected train{{{','.join(SUFFIXES)}}})")
-    raw = {"train": _frame_to_raw(read_table(train), train, text_col, label_col)}
+    raw = {"train": _frame_to_raw(read_table(train, no_header), train, text_col, label_col)}
     ev = _find_split_file(directory, EVAL_NAMES)
     if ev is not None:
-        raw["eval"] = _frame_to_raw(read_table(ev), ev, text_col, label_col)
+        raw["eval"] = _frame_to_raw(read_table(ev, no_header), ev, text_col, label_col, like=raw["train"])
     return raw, str(directory)
 
 
-def load_raw(dataset: str, data_dir: str = "data", text_column=None, label_column=None) -> tuple[dict, str]:
-    """{'train': (texts, labels), ['eval': ...]} and a description of the source."""
+def load_raw(dataset: str, data_dir: str = "data", text_column=None, label_column=None,
+             no_header: bool = False) -> tuple[dict, str]:
+    """{'train': RawSplit, ['eval': RawSplit]} and a description of the source."""
     key = dataset.lower()
     if key in HUB:
         local = _named_local_dir(key, data_dir)
         if local is not None:
-            return _load_dir(local, text_column, label_column)
+            return _load_dir(local, text_column, label_column, no_header)
         return _load_hub(key)
     path = Path(dataset)
     if path.is_dir():
-        return _load_dir(path, text_column, label_column)
+        return _load_dir(path, text_column, label_column, no_header)
     if path.is_file():
-        return {"train": _frame_to_raw(read_table(path), path, text_column, label_column)}, str(path)
+        return {"train": _frame_to_raw(read_table(path, no_header), path, text_column, label_column)}, str(path)
     raise DataError(f"--dataset {dataset!r}: not a known data set (sst2, imdb) and no such file or directory")
 
 
 # ----------------------------------------------------------------------------- subsets
-def stratified_indices(labels: Sequence[int], n: int, seed: int) -> list[int]:
-    """A seeded subset of ``n`` indices keeping the label proportions (sorted)."""
-    labels = np.asarray(labels)
+def stratified_indices(labels: Sequence, n: int, seed: int) -> list[int]:
+    """A seeded subset of ``n`` indices keeping the label proportions (sorted). Multi-label rows are
+    stratified by their label set, regression values by quintile."""
     if n >= len(labels):
         return list(range(len(labels)))
+    if len(labels) and isinstance(labels[0], (list, tuple)):
+        labels = ["".join(map(str, row)) for row in labels]
+    elif len(labels) and isinstance(labels[0], float):
+        labels = np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8]))
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     quota = np.floor(counts / counts.sum() * n).astype(int)
@@ -253,18 +308,28 @@ def stratified_indices(labels: Sequence[int], n: int, seed: int) -> list[int]:
 
 
 def _take(data: TextData, idx: Sequence[int]) -> TextData:
-    return TextData([data.texts[i] for i in idx], [data.labels[i] for i in idx])
+    pairs = [data.pairs[i] for i in idx] if data.pairs is not None else None
+    return TextData([data.texts[i] for i in idx], [data.labels[i] for i in idx], pairs)
+
+
+def _listed(values):
+    return list(values) if values is not None else None
 
 
 def load_splits(dataset: str = "sst2", data_dir: str = "data", text_column=None, label_column=None,
                 max_train_samples=None, max_eval_samples=None, seed: int = 42,
-                eval_fraction: float = 0.1) -> Splits:
-    raw, source = load_raw(dataset, data_dir, text_column, label_column)
-    for split, (texts, _) in raw.items():
-        if len(texts) == 0:
+                eval_fraction: float = 0.1, no_header: bool = False, task: Optional[str] = None) -> Splits:
+    raw, source = load_raw(dataset, data_dir, text_column, label_column, no_header)
+    for split, r in raw.items():
+        if len(r.texts) == 0:
             raise DataError(f"{source}: the {split} split is empty")
-    ids, names = map_labels({s: labels for s, (_, labels) in raw.items()}, source)
-    train = TextData(list(raw["train"][0]), ids["train"])
+    label_cols = raw["train"].label_columns
+    multi_cols = list(label_cols) if len(label_cols) > 1 else None
+    if multi_cols and task not in (None, tasks.MULTI_LABEL):
+        raise DataError(f"{source}: several label columns ({', '.join(label_cols)}) mean --task multi-label")
+    ids, names, task = tasks.map_labels({s: r.labels for s, r in raw.items()}, source,
+                                        tasks.MULTI_LABEL if multi_cols else task, multi_cols)
+    train = TextData(list(raw["train"].texts), ids["train"], _listed(raw["train"].pairs))
     carved = "eval" not in raw
     if carved:
         if len(train) < 10:
@@ -275,35 +340,93 @@ def load_splits(dataset: str = "sst2", data_dir: str = "data", text_column=None,
         train = _take(train, [i for i in range(len(train)) if i not in eval_idx])
         log.info("no evaluation split in %s: carved a seeded, stratified %d-row one from train", source, len(ev))
     else:
-        ev = TextData(list(raw["eval"][0]), ids["eval"])
+        ev = TextData(list(raw["eval"].texts), ids["eval"], _listed(raw["eval"].pairs))
     if max_train_samples:
         train = _take(train, stratified_indices(train.labels, max_train_samples, seed))
     if max_eval_samples:
         ev = _take(ev, stratified_indices(ev.labels, max_eval_samples, seed))
-    return Splits(train=train, eval=ev, label_names=names, source=source, eval_carved=carved)
+    return Splits(train=train, eval=ev, label_names=names, source=source, eval_carved=carved, task=task,
+                  text_columns=list(raw["train"].text_columns))
+
+
+def load_splits_for(d: dict, **overrides) -> Splits:
+    """The splits a stage's recorded config (a manifest's ``config``) names; ``overrides`` win."""
+    d = {**d, **overrides}
+    return load_splits(d.get("dataset", "sst2"), d.get("data_dir", "data"), d.get("text_column"),
+                       d.get("label_column"), d.get("max_train_samples"), d.get("max_eval_samples"),
+                       int(d.get("seed", 42)), no_header=bool(d.get("no_header")), task=d.get("task"))
 
 
 # ----------------------------------------------------------------------------- tokens and batches
-def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to max_length, unpadded."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
+def tokenize(texts: Sequence[str], tokenizer, max_length: int, pairs: Optional[Sequence[str]] = None) -> list[list[int]]:
+    """Token ids per text (or text/text_pair), truncated to max_length, unpadded."""
+    args = (list(texts),) if pairs is None else (list(texts), list(pairs))
+    enc = tokenizer(*args, truncation=True, max_length=max_length, padding=False,
                     return_attention_mask=False, return_token_type_ids=False)
     return enc["input_ids"]
 
 
+def encode(texts: Sequence[str], tokenizer, max_length: int, pairs: Optional[Sequence[str]] = None,
+           long_text: str = "truncate", stride: Optional[int] = None) -> tuple[list[list[int]], Optional[list[int]]]:
+    """Token ids under a long-text strategy, and for ``chunk`` the text each window belongs to.
+
+    truncate: the first max_length tokens (pairs: longest-first). head-tail: the first quarter and the
+    last three quarters of the budget (Sun et al., 2019, "How to fine-tune BERT for text
+    classification"). chunk: windows of max_length tokens overlapping by ``stride`` (default
+    max_length // 4); the caller aggregates the windows' logits per text (``owners``)."""
+    if long_text == "truncate":
+        return tokenize(texts, tokenizer, max_length, pairs), None
+    if pairs is not None:
+        raise DataError(f"--long-text {long_text} works on single texts; sentence pairs use --long-text truncate")
+    body = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    full = tokenizer(list(texts), add_special_tokens=False, truncation=False, padding=False,
+                     return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+    def wrap(body_ids):
+        return [cls, *body_ids, sep]
+    if long_text == "head-tail":
+        head = body // 4
+        return [wrap(t if len(t) <= body else t[:head] + t[len(t) - (body - head):]) for t in full], None
+    overlap = max_length // 4 if stride is None else stride
+    step = body - overlap
+    if step < 1:
+        raise DataError(f"--stride {overlap} leaves no new tokens per window at --max-length {max_length}")
+    ids, owners = [], []
+    for i, t in enumerate(full):
+        starts = range(0, max(len(t) - overlap, 1), step)
+        for s in starts:
+            ids.append(wrap(t[s:s + body]))
+            owners.append(i)
+    return ids, owners
+
+
+def token_types(seq: Sequence[int], sep_id: Optional[int]) -> list[int]:
+    """Segment ids of a BERT-style pair encoding: 0 up to the first [SEP], 1 after it (all 0 for one text)."""
+    if sep_id is None or sep_id not in seq:
+        return [0] * len(seq)
+    cut = list(seq).index(sep_id) + 1
+    return [0] * cut + [1] * (len(seq) - cut)
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, with_token_type_ids: bool = True,
-              pad_to: Optional[int] = None) -> dict[str, np.ndarray]:
-    """Dynamic padding to the longest sequence of the batch (or ``pad_to``)."""
+              pad_to: Optional[int] = None, sep_id: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Dynamic padding to the longest sequence of the batch (or ``pad_to``). With ``sep_id`` the
+    token types mark a pair's second text (single texts keep all-zero token types)."""
     width = pad_to or max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
+    types = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
         s = s[:width]
         ids[i, :len(s)] = s
         mask[i, :len(s)] = 1
+        if sep_id is not None:
+            types[i, :len(s)] = token_types(s, sep_id)
     out = {"input_ids": ids, "attention_mask": mask}
     if with_token_type_ids:
-        out["token_type_ids"] = np.zeros_like(ids)
+        out["token_type_ids"] = types
     return out
 
 
@@ -359,11 +482,13 @@ class LengthGroupedBatchSampler:
 
 
 class EncodedDataset:
-    """Token ids + labels; items are (ids, label) for the collate function."""
+    """Token ids + labels; items are (ids, label, index) for the collate function. ``owners`` (chunked
+    long texts) maps each window to its text; a window carries its text's label."""
 
-    def __init__(self, input_ids: list[list[int]], labels: Sequence[int]):
+    def __init__(self, input_ids: list[list[int]], labels: Sequence, owners: Optional[list[int]] = None):
         self.input_ids = input_ids
-        self.labels = list(labels)
+        self.labels = list(labels) if owners is None else [labels[o] for o in owners]
+        self.owners = owners
         self.lengths = [len(s) for s in input_ids]
 
     def __len__(self):
@@ -373,28 +498,37 @@ class EncodedDataset:
         return self.input_ids[i], self.labels[i], i
 
 
+def encoded_dataset(data: TextData, tokenizer, max_length: int, long_text: str = "truncate",
+                    stride: Optional[int] = None) -> EncodedDataset:
+    ids, owners = encode(data.texts, tokenizer, max_length, data.pairs, long_text, stride)
+    return EncodedDataset(ids, data.labels, owners)
+
+
 class Collator:
-    def __init__(self, pad_id: int, with_token_type_ids: bool):
+    def __init__(self, pad_id: int, with_token_type_ids: bool, sep_id: Optional[int] = None):
         self.pad_id = pad_id
         self.with_token_type_ids = with_token_type_ids
+        self.sep_id = sep_id
 
     def __call__(self, items):
         import torch
 
         seqs, labels, idx = zip(*items)
-        batch = {k: torch.from_numpy(v) for k, v in pad_batch(seqs, self.pad_id, self.with_token_type_ids).items()}
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        padded = pad_batch(seqs, self.pad_id, self.with_token_type_ids, sep_id=self.sep_id)
+        batch = {k: torch.from_numpy(v) for k, v in padded.items()}
+        floats = isinstance(labels[0], (list, tuple, float))  # multi-hot (multi-label) or regression
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if floats else torch.long)
         batch["index"] = torch.tensor(idx, dtype=torch.long)
         return batch
 
 
 def make_loader(ds: EncodedDataset, batch_size: int, *, shuffle: bool, seed: int, pad_id: int,
                 with_token_type_ids: bool, num_workers: int = 0, pin_memory: bool = False,
-                num_replicas: int = 1, rank: int = 0):
+                num_replicas: int = 1, rank: int = 0, sep_id: Optional[int] = None):
     from torch.utils.data import DataLoader
 
     sampler = LengthGroupedBatchSampler(ds.lengths, batch_size, shuffle=shuffle, seed=seed,
                                         num_replicas=num_replicas, rank=rank)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad_id, with_token_type_ids),
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad_id, with_token_type_ids, sep_id),
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0)

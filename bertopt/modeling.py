@@ -93,11 +93,12 @@ def check_head(config, num_labels: int, model: str, label_names=None) -> None:
 
 
 def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
-               attn_implementation: Optional[str] = None):
-    """AutoModelForSequenceClassification; a new head is sized to ``num_labels``."""
+               attn_implementation: Optional[str] = None, problem_type: Optional[str] = None):
+    """AutoModelForSequenceClassification; a new head is sized to ``num_labels``; ``problem_type``
+    (transformers' name: single_label_classification, multi_label_classification, regression)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    kwargs = {}
+    kwargs = {"problem_type": problem_type} if problem_type else {}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True

@@ -179,7 +179,7 @@ def _fmt_line(name: str, info: dict) -> str:
     if par:
         parts.append(f"max|Δlogits| {par['max_abs_diff']:.2e}  argmax {par['argmax_agreement'] * 100:6.2f}%")
     if info.get("accuracy") is not None:
-        parts.append(f"acc {info['accuracy']:.4f} ({info['accuracy_delta'] * 100:+.2f} pt)")
+        parts.append(f"{info.get('metric', 'acc')} {info['accuracy']:.4f} ({info['accuracy_delta'] * 100:+.2f} pt)")
     if info.get("size_bytes"):
         parts.append(f"{info['size_bytes'] / 2**20:6.1f} MB ({info.get('size_pct_of_fp32', 100):.1f}%)")
     if not ok:
@@ -216,23 +216,26 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
                                  "argmax_agreement": shapes["argmax_agreement"],
                                  "batches": ["%dx%d" % b["input_ids"].shape for b in ref.shape_batches]},
                       "eval": on_eval}
-    info["accuracy"] = accuracy(eval_logits, ref.eval_set[1])
+    info["accuracy"] = ref.score(eval_logits)  # the task metric (accuracy for a plain classifier)
     info["accuracy_delta"] = info["accuracy"] - ref.torch_accuracy
+    if not ref.spec.plain:
+        info["metric"] = ref.spec.metric
     info["status"], info["reason"] = decide_status(name, info["parity"]["max_abs_diff"], info["accuracy_delta"],
-                                                   cfg.parity_tolerance, cfg.onnx_accuracy_budget)
+                                                   cfg.parity_tolerance, cfg.onnx_accuracy_budget, ref.spec.metric)
     return info
 
 
 def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float], tolerance: float,
-                  budget: float) -> tuple[str, Optional[str]]:
+                  budget: float, metric: str = "accuracy") -> tuple[str, Optional[str]]:
     """FP32 variants must match PyTorch within ``tolerance`` (else 'failed', which fails the stage);
-    reduced-precision ones are 'rejected' when they lose more than ``budget`` accuracy."""
+    reduced-precision ones are 'rejected' when they lose more than ``budget`` of the task metric
+    (``metric``, in its own units: accuracy, F1, MCC, Pearson, ...)."""
     if name in ex.FP32_VARIANTS:
         if not max_abs_diff <= tolerance:  # also catches NaN/inf
             return "failed", (f"max |Δlogits| {max_abs_diff:.2e} vs PyTorch exceeds --parity-tolerance {tolerance:g}")
         return "ok", None
     if accuracy_delta is not None and accuracy_delta < -budget:
-        return "rejected", (f"accuracy {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --onnx-accuracy-budget "
+        return "rejected", (f"{metric} {accuracy_delta * 100:+.2f} pt vs FP32 exceeds --onnx-accuracy-budget "
                             f"{budget * 100:g} pt (kept on disk, not deployed)")
     return "ok", None
 
@@ -360,6 +363,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
             "source": source.name, "source_dir": str(source.model_dir),
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
+                          "metric": ref.spec.metric, "task": ref.spec.task,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
             "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
             "export": export_facts,

@@ -51,27 +51,57 @@ class Reference:
     def splits(self):
         from . import data
 
-        d = self.data_cfg
-        return data.load_splits(d.get("dataset", self.cfg.dataset), d.get("data_dir", self.cfg.data_dir),
-                                d.get("text_column"), d.get("label_column"), d.get("max_train_samples"),
-                                d.get("max_eval_samples"), int(d.get("seed", self.cfg.seed)))
+        return data.load_splits_for(self.data_cfg)
 
-    def _batches(self, texts, batch_size: int) -> tuple[list[dict], np.ndarray]:
-        """Length-sorted, dynamically padded batches and the row order they hold."""
+    @cached_property
+    def spec(self):
+        """The task the source was trained for (bertopt.tasks.TaskSpec; plain accuracy for old manifests)."""
+        from . import tasks
+
+        return tasks.spec_from_record((self.source.manifest or {}).get("data"))
+
+    def _ids(self, texts, pairs=None):
+        """Token ids under the source's long-text strategy, and the text of each window (chunk) or None."""
         from . import data
 
-        ids = data.tokenize(texts, self.tokenizer, self.max_length)
+        d = self.data_cfg
+        return data.encode(texts, self.tokenizer, self.max_length, pairs, d.get("long_text") or "truncate",
+                           d.get("stride"))
+
+    def _batches(self, texts, batch_size: int, pairs=None) -> tuple[list[dict], np.ndarray, object]:
+        """Length-sorted, dynamically padded batches (pairs with their token types), the row order
+        they hold and, for chunked long texts, each row's text."""
+        from . import data
+
+        ids, owners = self._ids(texts, pairs)
         order = np.argsort([-len(s) for s in ids], kind="stable")
         pad = self.tokenizer.pad_token_id or 0
         with_tt = "token_type_ids" in self.input_names
-        batches = [data.pad_batch([ids[i] for i in order[s:s + batch_size]], pad, with_tt)
+        sep = self.tokenizer.sep_token_id if pairs is not None else None
+        batches = [data.pad_batch([ids[i] for i in order[s:s + batch_size]], pad, with_tt, sep_id=sep)
                    for s in range(0, len(order), batch_size)]
-        return batches, order
+        return batches, order, None if owners is None else np.asarray(owners)[order]
 
     @cached_property
+    def _eval(self):
+        ev = self.splits.eval
+        batches, order, owners = self._batches(ev.texts, self.cfg.eval_batch_size, ev.pairs)
+        labels = np.asarray(ev.labels)
+        return batches, labels[owners] if owners is not None else labels[order], owners
+
+    @property
     def eval_set(self) -> tuple[list[dict], np.ndarray]:
-        batches, order = self._batches(self.splits.eval.texts, self.cfg.eval_batch_size)
-        return batches, np.asarray(self.splits.eval.labels)[order]
+        """Eval batches and the labels of their rows (one per chunk window)."""
+        return self._eval[0], self._eval[1]
+
+    @property
+    def eval_owners(self):
+        return self._eval[2]
+
+    def score(self, logits: list[np.ndarray], labels=None) -> float:
+        """The task metric (accuracy for a plain classifier) of eval-set logits."""
+        return accuracy(logits, self.eval_set[1] if labels is None else labels, self.spec,
+                        self.eval_owners if labels is None else None)
 
     @cached_property
     def shape_batches(self) -> list[dict]:
@@ -94,7 +124,7 @@ class Reference:
 
     @cached_property
     def torch_accuracy(self) -> float:
-        return accuracy(self.torch_eval_logits, self.eval_set[1])
+        return self.score(self.torch_eval_logits)
 
     def calibration_feeds(self, n: int, batch_size: int = 32, fixed_shape: bool = False) -> list[dict]:
         """A seeded sample of training sentences, as length-grouped batches; ``fixed_shape`` pads
@@ -105,16 +135,21 @@ class Reference:
         rng = np.random.default_rng(int(self.data_cfg.get("seed", self.cfg.seed)))
         idx = rng.choice(len(train), size=min(n, len(train)), replace=False)
         texts = [train.texts[i] for i in sorted(idx)]
+        pairs = [train.pairs[i] for i in sorted(idx)] if train.pairs is not None else None
         if not fixed_shape:
-            return self._batches(texts, batch_size)[0]
-        ids = data.tokenize(texts, self.tokenizer, self.max_length)
+            return self._batches(texts, batch_size, pairs)[0]
+        ids = self._ids(texts, pairs)[0]
         width = max(len(s) for s in ids)
         with_tt = "token_type_ids" in self.input_names
+        sep = self.tokenizer.sep_token_id if pairs is not None else None
         usable = len(ids) - len(ids) % batch_size if len(ids) >= batch_size else len(ids)
-        return [data.pad_batch(ids[s:s + batch_size], self.tokenizer.pad_token_id or 0, with_tt, pad_to=width)
-                for s in range(0, usable, batch_size)]
+        return [data.pad_batch(ids[s:s + batch_size], self.tokenizer.pad_token_id or 0, with_tt, pad_to=width,
+                               sep_id=sep) for s in range(0, usable, batch_size)]
 
 
-def accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float:
-    preds = np.concatenate(logits).argmax(-1)
-    return float((preds == labels).mean()) if len(labels) else float("nan")
+def accuracy(logits: list[np.ndarray], labels: np.ndarray, spec=None, owners=None) -> float:
+    """Argmax accuracy, or with a non-plain ``spec`` (bertopt.tasks.TaskSpec) its metric (chunk
+    windows named by ``owners`` aggregated per text): what the quantization gate compares."""
+    from .metrics import score
+
+    return score(spec, np.concatenate(logits), labels, owners)

@@ -5,7 +5,11 @@ getter they share.
 
 Version history: 1 = the original layout; 2 adds ``protocol.name`` (full | fast | quick), the
 protocol's adaptive-repeat facts, ``variants[].registry`` (the bertopt.variants entry) and
-``recommendation.registry``. Version 1 files still load (the new keys are optional to readers).
+``recommendation.registry``; 3 adds ``task`` (task, metric, label_names, pairs, long_text) and
+``variants[].task_metrics`` (per-class metrics and the confusion matrix, or the multi-label /
+regression figures); from 3 on every ``accuracy`` / ``accuracy_delta`` / ``baseline_accuracy`` figure
+holds ``task.metric`` (accuracy for a plain classifier, as before). Versions 1 and 2 still load (the
+new keys are optional to readers: :func:`metric_name` says "accuracy" for them).
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from typing import Any, Optional
 
 from .errors import MissingArtifact, PipelineError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FILE_NAME = "results.json"
 
 TOP_LEVEL = {
@@ -41,6 +45,11 @@ def get(d: Any, *keys, default=None):
             return default
         d = d[k]
     return d
+
+
+def metric_name(results: dict) -> str:
+    """What the accuracy columns hold: the task metric (accuracy before schema 3)."""
+    return get(results, "task", "metric", default="accuracy")
 
 
 def problems(results: Any) -> list[str]:

@@ -9,15 +9,17 @@ from . import artifacts
 from .cli import StageResult, print_config
 from .config import TrainConfig, result_config
 from .logs import stage_logging
+from .metrics import resolve_metric
+from .tasks import PROBLEM_TYPES, TaskSpec, class_weights
 
 log = logging.getLogger("bertopt.train_stage")
 
 
 def _skip_result(stage, directory, manifest, start) -> StageResult:
     log.info("%s is up to date (%s); --force re-runs it", stage, artifacts.manifest_path(directory))
-    metric = manifest.get("metrics", {}).get("best_eval_accuracy")
+    metrics = manifest.get("metrics", {})
     return StageResult(stage, "up-to-date", time.perf_counter() - start,
-                       f"best eval accuracy {metric:.4f}" if metric is not None else manifest.get("reason") or "",
+                       _best_line(metrics) if metrics else manifest.get("reason") or "",
                        str(directory))
 
 
@@ -47,6 +49,9 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
     current = distributed.broadcast_object(ctx, current)  # rank 0's view decides for every rank
     if current:
         return _skip_result(stage, directory, current, start)
+    # bad data fails here, before the stage directory is touched (nothing written, nothing cleared)
+    splits = data_mod.load_splits_for(cfg.to_dict())
+    spec = task_spec(cfg, splits)
     resume_from = _prepare_dir(cfg, directory, fp, ctx)
     with stage_logging(stage, directory if ctx.is_main else None):
         print_config(stage, cfg)
@@ -61,13 +66,13 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         if plan.autocast_dtype is not None:
             log.info("precision: %s autocast on %s (%s)", plan.name, device, plan.reason)
 
-        splits = data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.text_column, cfg.label_column,
-                                      cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
         log.info("data: %s, %d train / %d eval rows, labels %s%s", splits.source, len(splits.train),
                  len(splits.eval), splits.label_names, " (eval carved from train)" if splits.eval_carved else "")
+        log_task(spec, splits)
         tokenizer = modeling.load_tokenizer(cfg.model)
         training.seed_everything(cfg.seed)
-        model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names)
+        model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names,
+                                    problem_type=None if spec.plain else PROBLEM_TYPES[spec.task])
         modeling.check_max_length(cfg.max_length, model)
         counts = modeling.freeze_layers(model, cfg.freeze_layers)
         cfg = modeling.resolve_lr(cfg, model)
@@ -86,7 +91,8 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
             distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan, dist_ctx=dist_ctx,
             checkpointer=checkpoints.Checkpointer(checkpoints.root(directory), fp, cfg.save_total_limit, dist_ctx),
             resume_from=resume_from,
-            tensorboard_dir=directory / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None)
+            tensorboard_dir=directory / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None,
+            spec=spec)
         distributed.barrier(ctx)  # every rank has finished before rank 0 writes anything
         if not ctx.is_main:
             distributed.barrier(ctx)  # ... and stays until rank 0 has written the stage directory
@@ -94,12 +100,36 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
                                f"rank {ctx.rank}/{ctx.world_size} done (rank 0 writes the artifacts)", str(directory))
 
         metrics = _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts,
-                               summary, plan)
+                               summary, plan, spec)
         shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
         distributed.barrier(ctx)
-    acc = metrics["best_eval_accuracy"]
     return StageResult(stage, "ok", time.perf_counter() - start,
-                       f"best eval accuracy {acc:.4f}, {metrics['samples_per_s']} samples/s", str(directory))
+                       f"{_best_line(metrics)}, {metrics['samples_per_s']} samples/s", str(directory))
+
+
+def _best_line(metrics: dict) -> str:
+    if metrics.get("metric"):
+        return f"best eval {metrics['metric']} {metrics['best_eval_metric']:.4f}"
+    return f"best eval accuracy {metrics['best_eval_accuracy']:.4f}"
+
+
+def task_spec(cfg: TrainConfig, splits) -> TaskSpec:
+    """The task, its metric (with the reason it was chosen) and class weights for this run."""
+    metric, why = resolve_metric(cfg.metric, splits.task, splits.train.labels, splits.num_labels, splits.is_pair)
+    weights = class_weights(cfg.class_weights, splits.train.labels, splits.num_labels, splits.task)
+    return TaskSpec(splits.task, list(splits.label_names), metric, cfg.threshold, weights, why)
+
+
+def log_task(spec: TaskSpec, splits) -> None:
+    log.info("task: %s%s, %d label(s); metric: %s (%s)%s", spec.task, " (sentence pairs: "
+             + " + ".join(splits.text_columns) + ")" if splits.is_pair else "", splits.num_labels, spec.metric,
+             spec.why, f"; class weights {spec.class_weights}" if spec.class_weights else "")
+
+
+def data_record(cfg: TrainConfig, splits, spec: TaskSpec) -> dict:
+    """What downstream stages need to score this model the same way (stored in the manifest)."""
+    return {**spec.to_dict(), "text_columns": splits.text_columns, "pairs": splits.is_pair,
+            "long_text": cfg.long_text, "stride": cfg.stride}
 
 
 def _make_loaders(cfg: TrainConfig, splits, tokenizer, model, device, ctx):
@@ -109,17 +139,16 @@ def _make_loaders(cfg: TrainConfig, splits, tokenizer, model, device, ctx):
 
     with_tt = modeling.uses_token_type_ids(model)
     pad_id = tokenizer.pad_token_id or 0
-    train_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.train.texts, tokenizer, cfg.max_length),
-                                       splits.train.labels)
-    eval_ds = data_mod.EncodedDataset(data_mod.tokenize(splits.eval.texts, tokenizer, cfg.max_length),
-                                      splits.eval.labels)
+    train_ds = data_mod.encoded_dataset(splits.train, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
+    eval_ds = data_mod.encoded_dataset(splits.eval, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
+    sep_id = tokenizer.sep_token_id if splits.is_pair else None
     cuda = device.type == "cuda"
     workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
     pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
     # under torchrun each rank gets a disjoint share of the length-grouped batches
     train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
                                         with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
-                                        num_replicas=ctx.world_size, rank=ctx.rank)
+                                        num_replicas=ctx.world_size, rank=ctx.rank, sep_id=sep_id)
     if ctx.enabled:
         eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
                                                    with_token_type_ids=with_tt, num_workers=workers,
@@ -127,11 +156,12 @@ def _make_loaders(cfg: TrainConfig, splits, tokenizer, model, device, ctx):
     else:
         eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
                                            pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
-                                           pin_memory=pin)
+                                           pin_memory=pin, sep_id=sep_id)
     return train_ds, train_loader, eval_loader
 
 
-def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts, summary, plan) -> dict:
+def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts, summary, plan,
+                 spec) -> dict:
     """Rank 0: the weights, tokenizer and labels, then the manifest (last); returns its metrics."""
     from . import checkpoints
 
@@ -146,7 +176,8 @@ def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, 
         inputs={"model": cfg.model, "dataset": splits.source},
         outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
         metrics=metrics, resumed=bool(metrics["resumed_from"]),
-        data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
+        data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
+              **data_record(cfg, splits, spec)},
         reason=plan.reason if plan.autocast_dtype is not None else None,
     )
     return metrics

@@ -76,15 +76,21 @@ def _to_device(batch: dict, device, non_blocking: bool) -> dict:
 
 
 def evaluate(model, loader, device, plan: Optional[PrecisionPlan] = None, desc: str = "eval",
-             dist_ctx=None) -> dict:
+             dist_ctx=None, spec=None) -> dict:
     """Accuracy and mean loss over a loader; predictions returned in dataset order.
 
+    A ``spec`` (bertopt.tasks.TaskSpec) that is not plain accuracy-scored classification, or chunked
+    long texts, go to :func:`evaluate_task` (single process).
     With a multi-process ``dist_ctx`` (bertopt.distributed) the loader holds this rank's shard and
     the counts are all-reduced, so every rank returns the whole evaluation set's figures."""
     import torch
 
     from .logs import progress
 
+    if spec is not None and (not spec.plain or getattr(loader.dataset, "owners", None) is not None):
+        from .metrics import evaluate_task
+
+        return evaluate_task(model, loader, device, spec, plan, desc)
     model.eval()
     preds, labels, index, losses = [], [], [], []
     ctx = plan.autocast if plan else contextlib.nullcontext
@@ -147,6 +153,8 @@ class LoopState:
     eval_curve: list = field(default_factory=list)
     epochs: list = field(default_factory=list)
     best_accuracy: float = -1.0
+    best_score: float = -math.inf  # the task metric (spec.metric) of the best evaluation
+    best_eval: Optional[dict] = None  # its task metrics (predictions left out); None on the plain path
     best_step: Optional[int] = None
     best_epoch: Optional[int] = None
     bad_evals: int = 0
@@ -159,12 +167,13 @@ class LoopState:
 class _Run:
     """One training run's objects and the steps of the loop (see :func:`train`)."""
 
-    def __init__(self, model, cfg, device, plan, loss_fn, dist_ctx, checkpointer, n_batches, tb):
+    def __init__(self, model, cfg, device, plan, loss_fn, dist_ctx, checkpointer, n_batches, tb, spec=None):
         import torch
         from transformers import get_linear_schedule_with_warmup
 
         self.model, self.cfg, self.device, self.plan, self.loss_fn = model, cfg, device, plan, loss_fn
         self.dist_ctx, self.checkpointer, self.n_batches, self.tb = dist_ctx, checkpointer, n_batches, tb
+        self.spec, self.metric = spec, spec.metric if spec is not None else "accuracy"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg, device)
         total_steps = max(1, math.ceil(n_batches / cfg.grad_accum_steps) * cfg.epochs)
@@ -302,31 +311,37 @@ class _Run:
         return stop
 
     def evaluate_now(self, eval_loader, epoch: int, epoch_time: Optional[float] = None) -> bool:
-        """Evaluate, keep the best weights, count evaluations without improvement; True = stop."""
+        """Evaluate, keep the best weights (by the task metric), count evaluations without
+        improvement; True = stop."""
         from .distributed import unwrap
 
-        st, cfg = self.state, self.cfg
+        st, cfg, metric = self.state, self.cfg, self.metric
         ev = evaluate(unwrap(self.model), eval_loader, self.device, self.plan, desc=f"eval step {st.step}",
-                      dist_ctx=self.dist_ctx)
-        st.eval_curve.append({"step": st.step, "epoch": epoch + 1, "end_of_epoch": epoch_time is not None,
-                              "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
-        self.tb.scalars(st.step, {"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
+                      dist_ctx=self.dist_ctx, spec=self.spec)
+        score = ev.get("metric", ev["accuracy"])
+        point = {"eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
+        if "metric" in ev:
+            point["eval_" + metric] = score
+        st.eval_curve.append({"step": st.step, "epoch": epoch + 1, "end_of_epoch": epoch_time is not None, **point})
+        self.tb.scalars(st.step, {"eval/" + k[5:]: v for k, v in point.items() if v is not None})
         if epoch_time is not None:
-            st.epochs.append({"epoch": epoch + 1, "train_time_s": round(epoch_time, 3),
-                              "eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
-            log.info("epoch %d/%d: %.1fs, eval accuracy %.4f, eval loss %.4f", epoch + 1, cfg.epochs,
-                     epoch_time, ev["accuracy"], ev["loss"])
+            st.epochs.append({"epoch": epoch + 1, "train_time_s": round(epoch_time, 3), **point})
+            log.info("epoch %d/%d: %.1fs, eval %s %.4f, eval loss %.4f", epoch + 1, cfg.epochs,
+                     epoch_time, metric, score, ev["loss"])
         else:
-            log.info("step %d: eval accuracy %.4f, eval loss %.4f", st.step, ev["accuracy"], ev["loss"])
-        if ev["accuracy"] > st.best_accuracy:
-            st.best_accuracy, st.best_step, st.best_epoch, st.bad_evals = ev["accuracy"], st.step, epoch + 1, 0
+            log.info("step %d: eval %s %.4f, eval loss %.4f", st.step, metric, score, ev["loss"])
+        if score > st.best_score:
+            st.best_score, st.best_accuracy = score, ev["accuracy"]
+            st.best_step, st.best_epoch, st.bad_evals = st.step, epoch + 1, 0
+            if "metric" in ev:
+                st.best_eval = {k: v for k, v in ev.items() if k not in ("predictions", "metric")}
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(self.model).state_dict().items()}
         else:
             st.bad_evals += 1
         if cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience:
             st.stopped_early = True
-            log.info("early stopping at step %d: %d evaluation(s) without improvement (best %.4f at step %d)",
-                     st.step, st.bad_evals, st.best_accuracy, st.best_step)
+            log.info("early stopping at step %d: %d evaluation(s) without improvement (best %s %.4f at step %d)",
+                     st.step, st.bad_evals, metric, st.best_score, st.best_step)
         return st.stopped_early
 
     # -- checkpoints
@@ -379,7 +394,7 @@ class _Run:
 
 
 def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan, loss_fn=None, dist_ctx=None,
-          checkpointer=None, resume_from=None, tensorboard_dir=None) -> TrainResult:
+          checkpointer=None, resume_from=None, tensorboard_dir=None, spec=None) -> TrainResult:
     """Fine-tune in place and leave the best evaluation's weights loaded. ``cfg`` is a TrainConfig.
 
     Evaluates after every epoch and every ``cfg.eval_every`` optimizer steps; stops after
@@ -391,16 +406,20 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan, lo
     batches with the same RNG. ``tensorboard_dir`` mirrors the curves to TensorBoard.
 
     ``dist_ctx`` (bertopt.distributed.DistContext) marks a torchrun job (``model`` wrapped in DDP,
-    ``train_loader`` yields this rank's batches; losses, eval figures and throughput are combined)."""
+    ``train_loader`` yields this rank's batches; losses, eval figures and throughput are combined).
+
+    ``spec`` (bertopt.tasks.TaskSpec) sets the task loss (unless ``loss_fn`` is given) and the metric
+    that picks the best evaluation and drives early stopping; None = cross-entropy and accuracy."""
     import torch
 
-    from . import tracking
+    from . import tasks, tracking
     from .distributed import reduce_throughput, unwrap
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRSS() as rss, tracking.Writer(tensorboard_dir) as tb:
-        run = _Run(model, cfg, device, plan, loss_fn, dist_ctx, checkpointer, len(train_loader), tb)
+        run = _Run(model, cfg, device, plan, loss_fn or tasks.task_loss(spec), dist_ctx, checkpointer,
+                   len(train_loader), tb, spec)
         if resume_from is not None:
             run.resume(resume_from)
             tb.purge_after(run.state.step)
@@ -425,6 +444,8 @@ def train(model, train_loader, eval_loader, cfg, device, plan: PrecisionPlan, lo
         "stopped_early": st.stopped_early, "resumed_from": st.resumed_from,
         "epochs": st.epochs, "loss_curve": st.loss_curve, "eval_curve": st.eval_curve,
     }
+    if st.best_eval is not None:  # task metrics of the best evaluation
+        metrics.update(metric=run.metric, best_eval_metric=st.best_score, eval_metrics=st.best_eval)
     if device.type == "cuda":
         metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         metrics["peak_memory_kind"] = "CUDA max allocated"

@@ -167,7 +167,7 @@ def scripted_eval(monkeypatch):
     script = [0.50, 0.90, 0.60, 0.70, 0.80, 0.95, 0.99]
     seen = []
 
-    def fake(model, loader, device, plan=None, desc="eval", dist_ctx=None):
+    def fake(model, loader, device, plan=None, desc="eval", dist_ctx=None, spec=None):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         acc = script[len(seen) - 1]
         return {"accuracy": acc, "loss": 1 - acc, "n": 100, "predictions": []}

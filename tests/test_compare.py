@@ -384,7 +384,7 @@ def test_fast_protocol_asks_batch1_accuracy_only_of_runtime_quantized_rows(monke
         ("ort-qdq", "ort-qdq", "dynamic"), ("ov-int8", "ov-int8", "dynamic"), ("mp-torch-bf16", None, "dynamic")]]
     opened = SimpleNamespace(live=live, preds={v.name: v.name for v in live})
     setup = lambda name: SimpleNamespace(proto=PROTOCOLS[name], tokenizer=None, texts=[], max_length=8,  # noqa: E731
-                                         with_tt=False)
+                                         with_tt=False, text_kwargs={})
     assert set(measure_mod.batch1_accuracy(setup("fast"), opened)) == {"ort-int8", "ort-int4"}
     assert set(measure_mod.batch1_accuracy(setup("full"), opened)) == {v.name for v in live} - {"torch-fp32-padded"}
     assert PROTOCOLS["fast"]["warmup"] == 1 and PROTOCOLS["full"]["warmup"] == 2

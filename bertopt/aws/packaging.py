@@ -182,7 +182,16 @@ def serving_settings(choice: ModelChoice, cfg) -> dict:
             # micro-batching (-1 = off); the SageMaker container's environment sets its own (instances.py)
             "batch_wait_ms": float(cfg.batch_wait_ms) if getattr(cfg, "batching", True) else -1.0,
             "batch_max_texts": int(getattr(cfg, "batch_max_texts", 64)),
-            "device": "cuda" if getattr(cfg, "gpu", False) else "cpu"}
+            "device": "cuda" if getattr(cfg, "gpu", False) else "cpu", **_task_settings(choice, cfg)}
+
+
+def _task_settings(choice: ModelChoice, cfg) -> dict:
+    """The task and long-text strategy the source stage trained with (its manifest's data record)."""
+    stage = choice.source if choice.source in ("baseline", "mixed_precision", "pruned") else None
+    out = getattr(cfg, "output_dir", None)
+    manifest = artifacts.read_manifest(artifacts.stage_dir(out, stage)) if stage and out else None
+    data = (manifest or {}).get("data") or {}
+    return {k: data[k] for k in ("task", "long_text", "stride", "threshold") if data.get(k) is not None}
 
 
 def archive_members(choice: ModelChoice, cfg) -> list[tuple[str, object]]:

@@ -76,11 +76,12 @@ def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, l
     y, t = e2e.predictions[v.name], e2e.times[v.name]
     bsz, why = e2e.batch[v.name]
     padded = v.batching == "padded"
-    by_batching = {f"batch_{bsz}": float((y == s.labels).mean())}
+    by_batching = {f"batch_{bsz}": s.score(y)}  # the task metric; accuracy for a plain classifier
     if v.name in single:
-        by_batching["batch_1"] = float((single[v.name] == s.labels).mean())
+        by_batching["batch_1"] = s.score(single[v.name])
     row = {"accuracy": min(by_batching.values()),  # the worst case is what a deployment can promise
-           "accuracy_by_batching": by_batching, "predictions_consistent": e2e.consistent.get(v.name, True)}
+           "accuracy_by_batching": by_batching, "predictions_consistent": e2e.consistent.get(v.name, True),
+           "task_metrics": _task_metrics(s, y)}
     row["throughput"] = {"samples_per_s": bm.spread(bm.rates(len(s.texts), t)), "seconds": bm.spread(t),
                          "batch_size": bsz, "batch_size_reason": why, "texts": len(s.texts),
                          "real_tokens": int(sum(s.lengths)),
@@ -138,11 +139,30 @@ def assemble_rows(s: Setup, o: Opened, peak: Peak, sweep: Sweep, e2e: EndToEnd, 
     return rows
 
 
+def _task_entry(s: Setup) -> dict:
+    spec = s.spec
+    return {"task": spec.task, "metric": spec.metric, "label_names": list(s.splits.label_names),
+            "pairs": s.pairs is not None, "long_text": s.long_text, "stride": s.stride}
+
+
+def _task_metrics(s: Setup, y: np.ndarray) -> Optional[dict]:
+    """Per-class precision/recall/F1 and the confusion matrix (classification), micro/macro F1
+    (multi-label) or Pearson/Spearman (regression) of one row's end-to-end output."""
+    from .. import metrics
+
+    if s.spec is None or not len(s.labels):
+        return None
+    scores = y if y.ndim == 2 else np.eye(max(len(s.spec.label_names), int(y.max()) + 1))[y]
+    out = metrics.score_all(s.spec, scores, s.labels)
+    return {k: v for k, v in out.items() if k != "predictions"}
+
+
 def _baseline_accuracy(s: Setup, by_name: dict) -> Optional[float]:
     base_row = by_name.get(BASELINE_ROW)
     if base_row and base_row["accuracy"] is not None:
         return base_row["accuracy"]
-    return (s.manifests["baseline"].get("metrics") or {}).get("best_eval_accuracy")
+    trained = s.manifests["baseline"].get("metrics") or {}
+    return trained.get("best_eval_metric", trained.get("best_eval_accuracy"))
 
 
 def _environment(s: Setup, torch, load_start, cpu_share) -> dict:
@@ -197,7 +217,7 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
         "hardware": {"matmul_peak": {**peak.before, "gflops": peak.cpu_gflops, "before": peak.before["gflops"],
                                      "after": peak.after["gflops"]},
                      "gpu_matmul_peaks": peak.gpu},
-        "baseline_accuracy": baseline_acc, "variants": rows,
+        "task": _task_entry(s), "baseline_accuracy": baseline_acc, "variants": rows,
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
         "recommendation_message": message, "warnings": warnings, "eligibility": verdicts,
         "training": _training_summary(s.manifests),

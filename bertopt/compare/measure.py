@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import artifacts, modeling, variants
+from .. import artifacts, modeling, tasks, variants
 from .. import benchmarking as bm
 from .. import gpu_measure as gm
 from ..config import CommonConfig
@@ -60,6 +60,25 @@ class Setup:
     with_tt: bool
     lengths: list
     configs: dict
+    spec: object = None      # bertopt.tasks.TaskSpec the baseline was trained for
+    pairs: Optional[list] = None
+    long_text: str = "truncate"
+    stride: Optional[int] = None
+
+    @property
+    def text_kwargs(self) -> dict:
+        """What classify_texts needs beyond the texts: pairs, the long-text strategy, the task."""
+        return {"pairs": self.pairs, "long_text": self.long_text, "stride": self.stride,
+                "task": None if self.spec is None or self.spec.plain else self.spec.task}
+
+    def score(self, y: np.ndarray) -> float:
+        """The task metric of classify_texts' output (label ids: accuracy, as always)."""
+        from ..metrics import score
+
+        return score(None if y.ndim == 1 else self.spec, y, self.labels)
+
+    def request(self, i: int):
+        return self.texts[i] if self.pairs is None else (self.texts[i], self.pairs[i])
 
     @property
     def guard(self):
@@ -183,14 +202,15 @@ def setup(cfg: CompareConfig) -> Setup:
     rows, manifests = discover(out, cfg.device)
     baseline_dir = artifacts.stage_dir(out, "baseline")
     dcfg = _resolve_data(cfg, manifests["baseline"], proto)
-    splits = data_mod.load_splits(dcfg["dataset"], dcfg["data_dir"], dcfg["text_column"], dcfg["label_column"],
-                                  None, dcfg["max_eval_samples"], dcfg["seed"])
+    trained = manifests["baseline"].get("config") or {}
+    splits = data_mod.load_splits_for(dcfg, max_train_samples=None, no_header=trained.get("no_header"),
+                                      task=trained.get("task"))
     texts, labels = splits.eval.texts, np.asarray(splits.eval.labels)
     max_length = int(dcfg["max_length"])
     tokenizer = modeling.load_tokenizer(str(baseline_dir))
     base_config = AutoConfig.from_pretrained(str(baseline_dir))
     with_tt = modeling.uses_token_type_ids(base_config)
-    lengths = [len(x) for x in data_mod.tokenize(texts, tokenizer, max_length)]
+    lengths = [len(x) for x in data_mod.tokenize(texts, tokenizer, max_length, splits.eval.pairs)]
     log.info("eval data: %s, %d texts, mean %.1f tokens (max %d); %d threads; %d variant row(s), %d measurable; "
              "%s protocol", splits.source, len(texts), float(np.mean(lengths)), max(lengths), threads, len(rows),
              sum(v.status == "ok" for v in rows), proto["name"])
@@ -200,7 +220,9 @@ def setup(cfg: CompareConfig) -> Setup:
             cdir = v.model_dir if (Path(v.model_dir) / "config.json").is_file() else str(baseline_dir)
             configs[v.source] = AutoConfig.from_pretrained(cdir).to_dict()
     return Setup(cfg, proto, threads, rows, manifests, dcfg, splits, texts, labels, max_length, tokenizer,
-                 base_config, with_tt, lengths, configs)
+                 base_config, with_tt, lengths, configs,
+                 tasks.spec_from_record(manifests["baseline"].get("data"), splits.label_names),
+                 splits.eval.pairs, trained.get("long_text") or "truncate", trained.get("stride"))
 
 
 def open_predictors(s: Setup) -> Opened:
@@ -329,7 +351,7 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
 
         def go():
             y = classify_texts(p, s.tokenizer, s.texts, batch_size=bsz, max_length=s.max_length, with_tt=s.with_tt,
-                               pad_to=s.pad_to(v))
+                               pad_to=s.pad_to(v), **s.text_kwargs)
             if v.name in predictions:
                 consistent[v.name] = consistent.get(v.name, True) and bool(np.array_equal(predictions[v.name], y))
             predictions[v.name] = y
@@ -339,7 +361,8 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
     for v in o.live:  # warm-up on a slice: a full pass of the padded reference is long
         for _ in range(max(s.proto["warmup"], 1)):
             classify_texts(o.preds[v.name], s.tokenizer, warm_texts, batch_size=chosen[v.name][0],
-                           max_length=s.max_length, with_tt=s.with_tt, pad_to=s.pad_to(v))
+                           max_length=s.max_length, with_tt=s.with_tt, pad_to=s.pad_to(v),
+                           **dict(s.text_kwargs, pairs=s.pairs[:len(warm_texts)] if s.pairs else None))
     log.info("end to end: %d texts x %d variants x %d repeats", len(s.texts), len(o.live), s.proto["repeats"])
     bar = progress(total=len(o.live) * s.proto["repeats"], desc="end to end", unit="pass")
     stats: dict = {}
@@ -356,8 +379,9 @@ def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
     """Batch-1 requests, sequential, interleaved by rounds; returns each row's LatencyTask."""
     rng = np.random.default_rng(s.dcfg["seed"])
     n_req = min(s.proto["latency_requests"], len(s.texts))
-    req_texts = [s.texts[i] for i in rng.permutation(len(s.texts))[:n_req]]
-    chunks = [list(c) for c in np.array_split(np.array(req_texts, dtype=object), s.proto["repeats"]) if len(c)]
+    req_idx = rng.permutation(len(s.texts))[:n_req]
+    req_texts = [s.request(i) for i in req_idx]
+    chunks = [[s.request(i) for i in c] for c in np.array_split(req_idx, s.proto["repeats"]) if len(c)]
     warm_req = req_texts[:max(2, min(10, n_req))]
     tasks = {}
     for v in o.live:
@@ -380,7 +404,7 @@ def batch1_accuracy(s: Setup, o: Opened) -> dict:
     rows = [v for v in o.live if v.batching == "dynamic"
             and (not only_dependent or getattr(variants.REGISTRY.get(v.registry), "batch_dependent", False))]
     return {v.name: classify_texts(o.preds[v.name], s.tokenizer, s.texts, batch_size=1, max_length=s.max_length,
-                                   with_tt=s.with_tt)
+                                   with_tt=s.with_tt, **s.text_kwargs)
             for v in progress(rows, desc="batch-1 accuracy", unit="variant")}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import artifacts
 from ..results import get as _get
+from ..results import metric_name
 from .config import EFFICIENCY_CELL
 
 CSV_COLUMNS = [
@@ -63,7 +64,7 @@ def _fmt(v, spec=".1f", none="-"):
 
 def summary_table(results: dict) -> str:
     """The headline table (markdown, readable as plain text in a terminal)."""
-    head = ["variant", "backend", "precision", "device", "accuracy % (Δ pts)", "e2e samples/s (min–max)", "× padded",
+    head = ["variant", "backend", "precision", "device", f"{metric_name(results)} % (Δ pts)", "e2e samples/s (min–max)", "× padded",
             "p50 / p99 ms", "model p50 ms", "size MB", "peak RSS MB", "% peak @32×128"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     rec = (results.get("recommendation") or {}).get("variant")

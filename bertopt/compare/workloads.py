@@ -15,12 +15,22 @@ def _inputs_for(predictor, batch: dict) -> dict:
 
 
 def classify_texts(predictor, tokenizer, texts, *, batch_size: int, max_length: int, with_tt: bool,
-                   pad_to: Optional[int] = None) -> np.ndarray:
+                   pad_to: Optional[int] = None, pairs=None, long_text: str = "truncate", stride=None,
+                   task: Optional[str] = None) -> np.ndarray:
     """Texts in, label ids out (tokenization included). ``pad_to`` set = the naive reference:
     batches in data order, every input padded to ``pad_to``. Otherwise length-sorted batches
-    with dynamic padding, predictions returned in input order."""
+    with dynamic padding, predictions returned in input order.
+
+    Sentence ``pairs`` and ``long_text`` head-tail/chunk (windows aggregated per text) go through
+    :func:`text_scores`; a ``task`` (not plain accuracy-scored classification) returns each text's
+    logits (regression: values) instead of label ids."""
     from ..data import pad_batch, tokenize
 
+    if task is not None or pairs is not None or long_text != "truncate":
+        scores = text_scores(predictor, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                             with_tt=with_tt, pad_to=pad_to, pairs=pairs, long_text=long_text, stride=stride,
+                             task=task)
+        return scores if task is not None else scores.argmax(-1)
     n = len(texts)
     preds = np.empty(n, dtype=np.int64)
     if pad_to:
@@ -40,13 +50,35 @@ def classify_texts(predictor, tokenizer, texts, *, batch_size: int, max_length: 
     return preds
 
 
+def text_scores(predictor, tokenizer, texts, *, batch_size: int, max_length: int, with_tt: bool,
+                pad_to: Optional[int] = None, pairs=None, long_text: str = "truncate", stride=None,
+                task: Optional[str] = None) -> np.ndarray:
+    """Per-text logits for pairs and long-text strategies (chunk windows: mean, max for multi-label)."""
+    from ..data import encode, pad_batch
+    from ..metrics import aggregate
+
+    ids, owners = encode(texts, tokenizer, max_length, pairs, long_text, stride)
+    order = np.arange(len(ids)) if pad_to else np.argsort([-len(s) for s in ids], kind="stable")
+    pad_id, sep = tokenizer.pad_token_id or 0, tokenizer.sep_token_id if pairs is not None else None
+    out = None
+    for start in range(0, len(ids), batch_size):
+        idx = order[start:start + batch_size]
+        batch = pad_batch([ids[i] for i in idx], pad_id, with_tt, pad_to=pad_to, sep_id=sep)
+        logits = np.asarray(predictor.predict_logits(_inputs_for(predictor, batch)), dtype=np.float64)
+        if out is None:
+            out = np.empty((len(ids), logits.shape[1]), dtype=np.float64)
+        out[idx] = logits
+    return aggregate(out, owners, task or "classification")
+
+
 def single_request(predictor, tokenizer, text: str, *, max_length: int, with_tt: bool,
                    pad_to: Optional[int] = None, clock=time.perf_counter) -> tuple[float, float]:
-    """One request at batch 1: (end-to-end seconds incl. tokenization, model-only seconds)."""
+    """One request at batch 1: (end-to-end seconds incl. tokenization, model-only seconds); ``text``
+    may be a (text, text_pair) tuple."""
     from ..data import pad_batch
 
     t0 = clock()
-    ids = tokenizer(text, truncation=True, max_length=max_length, return_attention_mask=False,
+    ids = tokenizer(*(text if isinstance(text, tuple) else (text,)), truncation=True, max_length=max_length, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"]
     batch = _inputs_for(predictor, pad_batch([ids], tokenizer.pad_token_id or 0, with_tt, pad_to=pad_to))
     t1 = clock()

@@ -99,9 +99,10 @@ def _load_loadtest(path: Path) -> Optional[dict]:
 
 
 def build_context(results: dict, loadtest: Optional[dict] = None) -> dict:
-    from . import plots
+    from . import plots, task_plots
 
     figures = {
+        "confusion": task_plots.confusion_matrices(results),
         "throughput": plots.throughput_bars(results),
         "latency": plots.latency_vs_batch(results),
         "heatmap": plots.heatmaps(results),
@@ -126,6 +127,8 @@ def build_context(results: dict, loadtest: Optional[dict] = None) -> dict:
         "radar_span_pts": 100 * plots.RADAR_ACCURACY_SPAN,
         "radar_max": plots.RADAR_MAX_VARIANTS,
         "fusion": fusion_table(results),
+        "per_class": task_plots.per_class_rows(results),
+        "metric": results_get(results, "task", "metric", default="accuracy"),
         "lt": loadtest,
     }
 

@@ -5,8 +5,14 @@ The Hugging Face inference container (SageMaker Hugging Face Inference Toolkit) 
 endpoint (``aws_deploy.py --local``) calls the same four functions from the same archive.
 
 Request:  ``{"inputs": "text"}`` or ``{"inputs": ["t1", "t2"]}`` (application/json), or one text
-          per line (text/csv; quote a text that spans lines).
-Response: one ``{"label": "positive", "score": 0.97}`` per input text, as a JSON list.
+          per line (text/csv; quote a text that spans lines). Sentence pairs: ``{"inputs": {"text": ...,
+          "text_pair": ...}}`` or a list of such. ``"top_k": N`` (or ``"parameters": {"top_k": N}``) returns
+          the N best labels per text, ``"top_k": null`` every label's score (as the HF ``pipeline``).
+Response: one ``{"label": "positive", "score": 0.97}`` per input text, as a JSON list (with top_k, or
+          for multi-label models, a list of such per text: sigmoid scores, every label, best first;
+          regression models answer ``{"label": name, "value": 3.2}``). The model's task comes from
+          serving.json (``task``) or config.json's ``problem_type``; its long-text strategy
+          (``long_text``/``stride``: truncate, head-tail or chunk with windows averaged) from serving.json.
 Describe: ``{"describe": true}`` answers ``{"variant", "backend", "precision", "source", "device",
           "providers"}``: what the endpoint actually serves from (the deploy's smoke test checks it).
 Limits:   at most ``max_batch`` texts and ``max_chars`` characters per text (serving.json, or the
@@ -47,9 +53,11 @@ if os.path.isdir(os.path.join(_HERE, "bertopt_runtime")):  # inside model.tar.gz
         sys.path.insert(0, _HERE)
     from bertopt_runtime import data as _data
     from bertopt_runtime import runtimes as _runtimes
+    from bertopt_runtime import tasks as _tasks
 else:  # in the project tree (tests, development)
     from bertopt import data as _data
     from bertopt import runtimes as _runtimes
+    from bertopt import tasks as _tasks
 
 log = logging.getLogger("bertopt.serving")
 
@@ -80,7 +88,9 @@ class RequestError(ValueError):
 class ServingModel:
     """What model_fn returns: tokenizer + predictor + labels + request limits."""
 
-    def __init__(self, tokenizer, predictor, label_names, max_length, max_batch, max_chars, info=None):
+    def __init__(self, tokenizer, predictor, label_names, max_length, max_batch, max_chars, info=None,
+                 task="classification", long_text="truncate", stride=None):
+        self.task, self.long_text, self.stride = task, long_text, stride
         self.tokenizer = tokenizer
         self.predictor = predictor
         self.label_names = list(label_names)
@@ -247,6 +257,24 @@ def _set_gil_switch(ms: float) -> None:
         sys.setswitchinterval(ms / 1000.0)
 
 
+class Texts(list):
+    """input_fn's answer: the texts (str or (text, text_pair)) and the request's ``top_k``
+    (0 = not asked; None = every label)."""
+
+    top_k = 0
+
+
+def _task(model_dir: str, settings: dict) -> str:
+    if settings.get("task"):
+        return settings["task"]
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            kind = json.load(fh).get("problem_type")
+    except (OSError, ValueError):
+        kind = None
+    return {v: k for k, v in _tasks.PROBLEM_TYPES.items()}.get(kind, _tasks.CLASSIFICATION)
+
+
 def model_fn(model_dir, context=None):
     """Load tokenizer + predictor from the extracted model.tar.gz directory."""
     from transformers import AutoTokenizer
@@ -258,10 +286,12 @@ def model_fn(model_dir, context=None):
                          settings["max_batch"], settings["max_chars"],
                          info={**{k: settings.get(k) for k in ("variant", "backend", "precision", "source")},
                                "device": getattr(predictor, "device", "cpu"),
-                               "providers": list(getattr(predictor, "providers", None) or []) or None})
+                               "providers": list(getattr(predictor, "providers", None) or []) or None},
+                         task=_task(model_dir, settings), long_text=settings.get("long_text") or "truncate",
+                         stride=settings.get("stride"))
     _set_gil_switch(float(settings["gil_switch_ms"]))
     if float(settings["batch_wait_ms"]) >= 0:
-        model.batcher = MicroBatcher(lambda texts: _predict(texts, model), settings["batch_max_texts"],
+        model.batcher = MicroBatcher(lambda texts: _rows(texts, model), settings["batch_max_texts"],
                                      settings["batch_wait_ms"])
     log.info("loaded %s (%s, %s) labels %s, max batch %d, max chars %d, micro-batching %s, threads %s",
              settings.get("variant"), settings.get("backend"), settings.get("precision"), model.label_names,
@@ -286,15 +316,41 @@ def _as_text(input_data) -> str:
     raise RequestError(400, f"unsupported request body type {type(input_data).__name__}")
 
 
-def _check_texts(texts) -> list[str]:
+def _pair(i: int, item: dict) -> tuple:
+    text, pair = item.get("text"), item.get("text_pair")
+    if not isinstance(text, str) or not isinstance(pair, str) or not text.strip() or not pair.strip():
+        raise RequestError(400, f"input {i}: a pair is {{\"text\": \"...\", \"text_pair\": \"...\"}} "
+                                "with two non-empty strings")
+    return (text, pair)
+
+
+def _top_k(payload: dict):
+    params = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
+    where = payload if "top_k" in payload else params
+    if "top_k" not in where:
+        return 0
+    k = where["top_k"]
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise RequestError(400, f"top_k must be a positive integer or null (every label); got {k!r}")
+    return k
+
+
+def _check_texts(texts, top_k=0) -> list:
     if not texts:
         raise RequestError(400, "no input texts (send {\"inputs\": \"text\"} or {\"inputs\": [\"t1\", \"t2\"]})")
+    texts = [_pair(i, t) if isinstance(t, dict) else t for i, t in enumerate(texts)]
+    out = Texts(texts)
+    out.top_k = top_k
     for i, t in enumerate(texts):
+        if isinstance(t, tuple):
+            continue
         if not isinstance(t, str):
             raise RequestError(400, f"input {i} is {type(t).__name__}, expected a string")
         if not t.strip():
             raise RequestError(400, f"input {i} is empty")
-    return list(texts)
+    return out
 
 
 def input_fn(input_data, content_type):
@@ -313,11 +369,11 @@ def input_fn(input_data, content_type):
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise RequestError(400, "expected a JSON object with an \"inputs\" key")
         inputs = payload["inputs"]
-        if isinstance(inputs, str):
+        if isinstance(inputs, (str, dict)):
             inputs = [inputs]
         elif not isinstance(inputs, list):
-            raise RequestError(400, "\"inputs\" must be a string or a list of strings")
-        return _check_texts(inputs)
+            raise RequestError(400, "\"inputs\" must be a string or a list of strings or of {\"text\", \"text_pair\"} objects")
+        return _check_texts(inputs, _top_k(payload))
     if media == CSV:
         text = _as_text(input_data)
         try:
@@ -339,26 +395,61 @@ def predict_fn(data, model: ServingModel):
     if len(texts) > model.max_batch:
         raise RequestError(413, f"{len(texts)} texts in one request; the limit is {model.max_batch}")
     for i, t in enumerate(texts):
-        if len(t) > model.max_chars:
-            raise RequestError(413, f"input {i} has {len(t)} characters; the limit is {model.max_chars}")
-    if model.batcher is not None:
-        return model.batcher.submit(texts)
-    return _predict(texts, model)
+        n = sum(map(len, t)) if isinstance(t, tuple) else len(t)
+        if n > model.max_chars:
+            raise RequestError(413, f"input {i} has {n} characters; the limit is {model.max_chars}")
+    rows = model.batcher.submit(texts) if model.batcher is not None else _rows(texts, model)
+    return [_answer(row, model, getattr(data, "top_k", 0)) for row in rows]
 
 
-def _predict(texts: list, model: ServingModel) -> list:
-    """One model run over ``texts`` (one request, or a micro-batch of several)."""
+def _predict(texts: list, model: ServingModel, top_k=0) -> list:
+    """One model run over ``texts`` and the answers (what predict_fn returns)."""
+    return [_answer(row, model, top_k) for row in _rows(texts, model)]
+
+
+def _scores(texts: list, model: ServingModel) -> np.ndarray:
+    """One row of logits per text (pairs as text/text_pair; chunk windows averaged, max for multi-label)."""
+    pairs = [t[1] for t in texts] if texts and isinstance(texts[0], tuple) else None
+    firsts = [t[0] for t in texts] if pairs is not None else texts
+    if pairs is not None and not all(isinstance(t, tuple) for t in texts):
+        raise RequestError(400, "a request mixes single texts and pairs")
     with model.lock:
-        seqs = _data.tokenize(texts, model.tokenizer, model.max_length)
-    batch = _data.pad_batch(seqs, model.pad_id, model.with_token_type_ids)
+        seqs, owners = _data.encode(firsts, model.tokenizer, model.max_length, pairs,
+                                    model.long_text if pairs is None else "truncate", model.stride)
+    sep = model.tokenizer.sep_token_id if pairs is not None else None
+    batch = _data.pad_batch(seqs, model.pad_id, model.with_token_type_ids, sep_id=sep)
     logits = np.asarray(model.predictor.predict_logits(batch), dtype=np.float64)
+    return _tasks.aggregate(logits, owners, model.task)
+
+
+def _rows(texts: list, model: ServingModel) -> list:
+    """One model run over ``texts`` (one request, or a micro-batch of several): a score row per
+    text (softmax probabilities, sigmoid scores for multi-label, the value for regression)."""
+    logits = _scores(texts, model)
+    if model.task == _tasks.REGRESSION:
+        return list(logits)
+    if model.task == _tasks.MULTI_LABEL:
+        return list(1.0 / (1.0 + np.exp(-logits)))
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
-    best = probs.argmax(axis=1)
+    return list(probs)
+
+
+def _answer(row: np.ndarray, model: ServingModel, top_k):
+    """One text's answer: the best label (as before), or with ``top_k`` (and for multi-label) the
+    ranked labels; regression: the value."""
     names = model.label_names
-    return [{"label": names[k] if k < len(names) else f"LABEL_{k}", "score": round(float(probs[i, k]), 6)}
-            for i, k in enumerate(best)]
+
+    def name(k):
+        return names[k] if k < len(names) else f"LABEL_{k}"
+    if model.task == _tasks.REGRESSION:
+        return {"label": name(0), "value": round(float(row[0]), 6)}
+    if top_k == 0 and model.task != _tasks.MULTI_LABEL:
+        k = int(row.argmax())
+        return {"label": name(k), "score": round(float(row[k]), 6)}
+    order = np.argsort(-row, kind="stable")[:top_k or None]
+    return [{"label": name(int(k)), "score": round(float(row[k]), 6)} for k in order]
 
 
 def output_fn(prediction, accept):
