@@ -153,10 +153,11 @@ class TrainConfig(CommonConfig):
             p.append(f"--log-every must be >= 1 (got {self.log_every})")
         if self.grad_accum_steps < 1:
             p.append(f"--grad-accum-steps must be >= 1 (got {self.grad_accum_steps})")
-        for name in ("eval_every", "early_stopping_patience", "save_every"):
+        for name, zero in (("eval_every", "evaluate at epoch ends only"), ("early_stopping_patience", "off"),
+                           ("save_every", "checkpoint at epoch ends only")):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                p.append(f"{flag(name)} must be an integer >= 0 (0 = off; got {value!r})")
+                p.append(f"{flag(name)} must be an integer >= 0 (0 = {zero}; got {value!r})")
         if not isinstance(self.save_total_limit, int) or self.save_total_limit < 1:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit!r})")
         if self.report_to not in REPORT_TO:

@@ -204,7 +204,7 @@ def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hid
 
 # ----------------------------------------------------------------------------- INT8 dynamic
 def cpu_has_vnni() -> bool:
-    from .training import cpu_flags
+    from .precision import cpu_flags
 
     flags = cpu_flags()
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -78,26 +78,7 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         cfg = modeling.resolve_lr(cfg, model)
         model.to(device)
 
-        with_tt = modeling.uses_token_type_ids(model)
-        pad_id = tokenizer.pad_token_id or 0
-        train_ds = data_mod.encoded_dataset(splits.train, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
-        eval_ds = data_mod.encoded_dataset(splits.eval, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
-        sep_id = tokenizer.sep_token_id if splits.is_pair else None
-        cuda = device.type == "cuda"
-        workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
-        pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
-        # under torchrun each rank gets a disjoint share of the length-grouped batches
-        train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
-                                            with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
-                                            num_replicas=ctx.world_size, rank=ctx.rank, sep_id=sep_id)
-        if ctx.enabled:
-            eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
-                                                       with_token_type_ids=with_tt, num_workers=workers,
-                                                       pin_memory=pin)
-        else:
-            eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
-                                               pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
-                                               pin_memory=pin, sep_id=sep_id)
+        train_ds, train_loader, eval_loader = _make_loaders(cfg, splits, tokenizer, model, device, ctx)
         log.info("model: %s, %d parameters (%d trainable), max length %d, batch %d, %d epoch(s)",
                  cfg.model, counts["parameters"], counts["trainable_parameters"], cfg.max_length,
                  cfg.batch_size, cfg.epochs)
@@ -118,21 +99,8 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
             return StageResult(stage, "ok", time.perf_counter() - start,
                                f"rank {ctx.rank}/{ctx.world_size} done (rank 0 writes the artifacts)", str(directory))
 
-        model.to("cpu")
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
-                       mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
-        artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
-        artifacts.write_manifest(
-            directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
-            inputs={"model": cfg.model, "dataset": splits.source},
-            outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
-            metrics=metrics, resumed=bool(metrics["resumed_from"]),
-            data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
-                  **data_record(cfg, splits, spec)},
-            reason=plan.reason if plan.autocast_dtype is not None else None,
-        )
+        metrics = _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts,
+                               summary, plan, spec)
         shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
         distributed.barrier(ctx)
     return StageResult(stage, "ok", time.perf_counter() - start,
@@ -162,6 +130,57 @@ def data_record(cfg: TrainConfig, splits, spec: TaskSpec) -> dict:
     """What downstream stages need to score this model the same way (stored in the manifest)."""
     return {**spec.to_dict(), "text_columns": splits.text_columns, "pairs": splits.is_pair,
             "long_text": cfg.long_text, "stride": cfg.stride}
+
+
+def _make_loaders(cfg: TrainConfig, splits, tokenizer, model, device, ctx):
+    """Tokenize once; the length-grouped train loader (this rank's share under torchrun) and the eval loader."""
+    from . import data as data_mod
+    from . import distributed, modeling
+
+    with_tt = modeling.uses_token_type_ids(model)
+    pad_id = tokenizer.pad_token_id or 0
+    train_ds = data_mod.encoded_dataset(splits.train, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
+    eval_ds = data_mod.encoded_dataset(splits.eval, tokenizer, cfg.max_length, cfg.long_text, cfg.stride)
+    sep_id = tokenizer.sep_token_id if splits.is_pair else None
+    cuda = device.type == "cuda"
+    workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
+    pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
+    # under torchrun each rank gets a disjoint share of the length-grouped batches
+    train_loader = data_mod.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id,
+                                        with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin,
+                                        num_replicas=ctx.world_size, rank=ctx.rank, sep_id=sep_id)
+    if ctx.enabled:
+        eval_loader = distributed.make_eval_loader(eval_ds, cfg.eval_batch_size, ctx, pad_id=pad_id,
+                                                   with_token_type_ids=with_tt, num_workers=workers,
+                                                   pin_memory=pin)
+    else:
+        eval_loader = data_mod.make_loader(eval_ds, cfg.eval_batch_size, shuffle=False, seed=cfg.seed,
+                                           pad_id=pad_id, with_token_type_ids=with_tt, num_workers=workers,
+                                           pin_memory=pin, sep_id=sep_id)
+    return train_ds, train_loader, eval_loader
+
+
+def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts, summary, plan,
+                 spec) -> dict:
+    """Rank 0: the weights, tokenizer and labels, then the manifest (last); returns its metrics."""
+    from . import checkpoints
+
+    model.to("cpu")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
+                   mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
+    artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+    artifacts.write_manifest(
+        directory, stage=stage, status="ok", config=cfg.to_dict(), fingerprint=fp,
+        inputs={"model": cfg.model, "dataset": splits.source},
+        outputs=[f for f in artifacts.list_files(directory) if not f.startswith(checkpoints.DIRNAME + "/")],
+        metrics=metrics, resumed=bool(metrics["resumed_from"]),
+        data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
+              **data_record(cfg, splits, spec)},
+        reason=plan.reason if plan.autocast_dtype is not None else None,
+    )
+    return metrics
 
 
 def _prepare_dir(cfg: TrainConfig, directory, fp: str, ctx):

@@ -75,6 +75,20 @@ def test_bad_values(capsys, bench, tmp_path, tiny_model_dir, tiny_data_dir, flag
     assert needle in _one_error_line(err)
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--save-every", "-1"], "--save-every must be an integer >= 0 (0 = checkpoint at epoch ends only; got -1)"),
+    (["--eval-every", "-5"], "--eval-every must be an integer >= 0 (0 = evaluate at epoch ends only; got -5)"),
+    (["--early-stopping-patience", "-2"], "--early-stopping-patience must be an integer >= 0 (0 = off; got -2)"),
+    (["--save-total-limit", "0"], "--save-total-limit must be >= 1 (got 0)"),
+])
+def test_bad_checkpoint_values_fail_up_front(capsys, bench, tmp_path, tiny_model_dir, tiny_data_dir, flags, needle):
+    """Checked with the config, before any data, model or stage directory is touched."""
+    code, err = _run(capsys, bench, ["--model", tiny_model_dir, "--dataset", tiny_data_dir, "--output-dir",
+                                     str(tmp_path / "o"), "--quiet", *flags])
+    assert code == 1 and _one_error_line(err).endswith(needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unwritable_output_dir(capsys, bench, tmp_path, tiny_model_dir, tiny_data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bertopt import artifacts, modeling, training
+from bertopt import artifacts, modeling, precision, training
 from bertopt.errors import ConfigError, MissingArtifact
 from bertopt.train_stage import run_baseline, run_mixed_precision
 from conftest import tiny_train_config
@@ -123,15 +123,15 @@ def test_precision_resolution_on_cpu(monkeypatch):
 
     cpu = torch.device("cpu")
     assert training.resolve_precision("fp32", cpu).autocast_dtype is None
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     plan = training.resolve_precision("amp", cpu)
     assert not plan.available and "no native bf16" in plan.reason and "--force" in plan.reason
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
     plan = training.resolve_precision("amp", cpu)
     assert plan.available and plan.autocast_dtype == torch.bfloat16 and not plan.grad_scaler
     # AVX512-BF16 without AMX: bf16 is native but measured slower than fp32, so amp (the default) skips
     # it and an explicit --precision bf16 runs it
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     plan = training.resolve_precision("amp", cpu)
     assert not plan.available and "no AMX-BF16" in plan.reason and "--precision bf16" in plan.reason
     assert training.resolve_precision("bf16", cpu).available
@@ -139,7 +139,7 @@ def test_precision_resolution_on_cpu(monkeypatch):
 
 
 def test_mixed_precision_skipped_without_native_bf16(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
     result = run_mixed_precision(tiny_train_config(tiny_model_dir, tiny_data_dir, tmp_path))
     assert result.status == "skipped"
     manifest = json.loads((tmp_path / "mixed_precision" / "manifest.json").read_text())
@@ -148,7 +148,7 @@ def test_mixed_precision_skipped_without_native_bf16(tmp_path, tiny_model_dir, t
 
 
 def test_mixed_precision_runs_bf16_when_supported_or_forced(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
     result = run_mixed_precision(tiny_train_config(tiny_model_dir, tiny_data_dir, tmp_path, force=True))
     assert result.status == "ok"
     m = json.loads((tmp_path / "mixed_precision" / "manifest.json").read_text())["metrics"]
@@ -168,3 +168,41 @@ def test_config_collects_every_problem():
     text = str(err.value)
     for flag in ("--batch-size", "--max-length", "--lr", "--device"):
         assert flag in text
+
+
+def test_the_loop_reads_the_loss_only_at_log_steps_with_the_same_numbers(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                         monkeypatch):
+    """No ``loss.item()`` host sync per step: the losses stay on the device and are read at the
+    log steps; the logged means equal the per-step losses' means exactly (grad-accum included)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from bertopt import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [f"{'good fine' if i % 2 else 'bad awful'} movie number {i}" for i in range(96)]
+    ds = data.EncodedDataset(data.tokenize(texts, tok, 32), [i % 2 for i in range(96)])
+    loader = data.make_loader(ds, 8, shuffle=True, seed=0, pad_id=tok.pad_token_id, with_token_type_ids=True)
+    cfg = tiny_train_config(tiny_model_dir, tiny_data_dir, tmp_path, epochs=1, log_every=4, grad_accum_steps=2)
+    device = training.resolve_device("cpu")
+    training.seed_everything(0)
+    model = modeling.load_model(tiny_model_dir, 2, ["negative", "positive"])
+    seen, reads = [], []
+
+    def loss_fn(logits, labels, inputs):
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        seen.append(loss.detach().clone())
+        return loss
+
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"accuracy": 0.5, "loss": 0.7})
+    m = training.train(model, loader, loader, cfg, device, training.resolve_precision("fp32", device),
+                       loss_fn=loss_fn).metrics
+    monkeypatch.undo()
+    assert len(seen) == 12 and m["optimizer_steps"] == 6
+    assert len(reads) < len(seen) // 2  # the old loop read every micro-batch's loss
+    per_step = [real_item(v / 2) * 2 for v in seen]  # what the loop logs: (loss / accum) * accum
+    assert [p["step"] for p in m["loss_curve"]] == [4, 6]
+    assert [p["loss"] for p in m["loss_curve"]] == [float(np.mean(per_step[:8])), float(np.mean(per_step[8:]))]

@@ -1,13 +1,16 @@
 """Training speed, side by side in one process on the same rows: the plain Hugging Face loop a
-user would write vs bertopt's loop (with torch's default for-loop AdamW, as before issue 16, and
-with the fused AdamW it uses now). Same model init, same seed, same length-grouped batch order,
-same schedule and clipping; dev accuracy on the full eval split after each.
+user would write vs bertopt's loop and its variants (--variants; see VARIANTS). Same model init,
+same seed, same length-grouped batch order, same schedule and clipping; dev accuracy on the full
+eval split after each.
 
 The plain loop: AdamW(model.parameters()), batch 32, dynamic padding of length-sorted chunks,
-tokenizing each batch in the loop, FP32. Its per-phase times (tokenize, forward, backward, clip,
-optimizer) say where the CPU time goes.
+tokenizing each batch in the loop, FP32. Per-phase shares (tokenize, forward, backward, clip,
+optimizer) say where the CPU time goes; forward + backward is work every loop pays, so
+1 / (the plain loop's forward + backward share) bounds what a faster optimizer path can reach.
+``bound-frozen-word-emb`` measures the most any word-embedding row trick could save.
 
-    flock -x /tmp/bertopt-cpu.lock python tools/train_speed.py --rows 1000 --out /tmp/speed.json
+    flock -x /tmp/bertopt-cpu.lock python tools/train_speed.py --rows 1000 --out /tmp/speed.json \
+        --variants plain,bertopt,bertopt-forloop,bertopt-bf16,bound-frozen-word-emb
 """
 from __future__ import annotations
 
@@ -57,11 +60,13 @@ def plain_hf_loop(model, texts, labels, tokenizer, sampler, cfg) -> dict:
 
 
 @contextlib.contextmanager
-def _timed(owner, name):
-    """Accumulate the seconds spent in ``owner.name`` while the block runs."""
+def _timed(owner, name, when=lambda: True):
+    """Accumulate the seconds spent in ``owner.name`` (calls where ``when()`` holds) while the block runs."""
     orig, total = getattr(owner, name), [0.0]
 
     def wrapper(*a, **k):
+        if not when():
+            return orig(*a, **k)
         t0 = time.perf_counter()
         try:
             return orig(*a, **k)
@@ -75,12 +80,46 @@ def _timed(owner, name):
         setattr(owner, name, orig)
 
 
+VARIANTS = {
+    "bertopt": "the default loop (fused AdamW)",
+    "bertopt-forloop": "the default loop with torch's for-loop AdamW (as before issue 16)",
+    "bertopt-bf16": "opt-in: bf16 autocast on CPU (mixed_precision.py --precision bf16); changes results",
+    "bertopt-compile": "torch.compile(model, dynamic=True) (inductor), compile time included",
+    "bound-frozen-word-emb": "NOT a training config: word embeddings frozen, the most any embedding-row "
+                             "trick (sparse/lazy update) could save",
+}
+
+
+def bertopt_loop(name, model, train_ds, eval_loader, tok, cfg, training, data) -> dict:
+    import torch
+
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; known: plain, {', '.join(VARIANTS)}")
+    device = torch.device("cpu")
+    plan = training.resolve_precision("bf16" if name == "bertopt-bf16" else "fp32", device)
+    training.OPTIMIZER_IMPL = "for-loop" if name == "bertopt-forloop" else "fused"
+    if name == "bound-frozen-word-emb":
+        model.get_input_embeddings().weight.requires_grad_(False)
+    run_model = torch.compile(model, dynamic=True) if name == "bertopt-compile" else model
+    loader = data.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=tok.pad_token_id,
+                              with_token_type_ids=True)
+    with _timed(torch.optim.AdamW, "step") as opt_s, _timed(torch.nn.utils, "clip_grad_norm_") as clip_s, \
+            _timed(torch.Tensor, "backward") as bwd_s, \
+            (contextlib.nullcontext([float("nan")]) if run_model is not model else _timed(model, "forward", lambda: model.training)) as fwd_s:
+        m = training.train(run_model, loader, eval_loader, cfg, device, plan).metrics
+    wall = m["train_time_s"]
+    return {"samples_per_s": m["samples_per_s"], "train_time_s": wall,
+            "phase_share": {"forward": round(fwd_s[0] / wall, 3), "backward": round(bwd_s[0] / wall, 3),
+                            "clip": round(clip_s[0] / wall, 3), "optimizer": round(opt_s[0] / wall, 3)}}
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default=None)
-    p.add_argument("--variants", default="plain,bertopt-forloop,bertopt-fused")
+    p.add_argument("--variants", default="plain,bertopt",
+                   help="comma list of plain, " + ", ".join(f"{k} ({v})" for k, v in VARIANTS.items()))
     args = p.parse_args()
 
     import torch
@@ -103,20 +142,15 @@ def main() -> int:
     for name in args.variants.split(","):
         training.seed_everything(cfg.seed)
         model = modeling.load_model(cfg.model, splits.num_labels, splits.label_names)
+        cfg = modeling.resolve_lr(cfg, model)
         sampler = data.LengthGroupedBatchSampler(train_ds.lengths, cfg.batch_size, seed=cfg.seed)
         sampler.set_epoch(0)
         if name == "plain":
             row = plain_hf_loop(model, splits.train.texts, splits.train.labels, tok, sampler, cfg)
         else:
-            training.OPTIMIZER_IMPL = "for-loop" if name == "bertopt-forloop" else "fused"
-            loader = data.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      pad_id=tok.pad_token_id, with_token_type_ids=True)
-            with _timed(torch.optim.AdamW, "step") as opt_s, _timed(torch.nn.utils, "clip_grad_norm_") as clip_s:
-                m = training.train(model, loader, eval_loader, cfg, device, plan).metrics
-            row = {"samples_per_s": m["samples_per_s"], "train_time_s": m["train_time_s"],
-                   "phase_share": {"clip": round(clip_s[0] / m["train_time_s"], 3),
-                                   "optimizer": round(opt_s[0] / m["train_time_s"], 3)}}
-        row["dev_accuracy"] = training.evaluate(model, eval_loader, device, plan)["accuracy"]
+            row = bertopt_loop(name, model, train_ds, eval_loader, tok, cfg, training, data)
+        eval_plan = training.resolve_precision("bf16", device) if name == "bertopt-bf16" else plan
+        row["dev_accuracy"] = training.evaluate(model, eval_loader, device, eval_plan)["accuracy"]
         results["variants"][name] = row
         print(name, json.dumps(row), flush=True)
     base = results["variants"].get("plain")

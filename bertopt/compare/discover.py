@@ -123,7 +123,7 @@ def discover(output_dir: str | os.PathLike, device_pref: str = "auto") -> tuple[
 def _trained_rows(out: Path, rows: list, manifests: dict, cuda: bool) -> list[str]:
     """The mixed-precision and pruned stages' eager rows (appended to ``rows``); returns the
     sources whose ONNX exports to look for."""
-    from ..training import cpu_native_bf16
+    from ..precision import cpu_native_bf16
 
     sources = []
     for stage in ("mixed_precision", "pruned"):
