@@ -120,8 +120,7 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
                     guard: Optional[Callable[[], Callable[[], float]]] = None, max_share: float = 0.10,
                     max_retries: int = 2, min_guarded_s: float = 0.2,
                     stats: Optional[dict] = None, min_repeats: Optional[int] = None,
-                    tolerance: Optional[float] = None,
-                    keep: Optional[Iterable[str]] = None) -> dict[str, list[float]]:
+                    tolerance: Optional[float] = None, keep: Optional[Iterable[str]] = None) -> dict[str, list[float]]:
     """Run every task ``warmup`` times (unrecorded), then ``repeats`` recorded times, interleaved
     round-robin (see :func:`round_robin_order`). Returns the recorded durations in seconds per
     task, in the order they were taken.
@@ -136,13 +135,11 @@ def run_interleaved(tasks: Mapping[str, Callable[[], object]], repeats: int, war
     ``guard()`` (optional, e.g. :class:`CpuShare`) starts watching the machine and returns a
     function giving the CPU share other processes took since; a timed round (of at least
     ``min_guarded_s``) in which they took more than ``max_share`` is measured again, at most
-    ``max_retries`` times per call (a task with a ``discard_last()`` method is told to forget its
-    discarded call). ``stats`` (a dict) receives ``retried_rounds`` and the ``other_cpu_share``
-    of every kept round.
+    ``max_retries`` times per call (a task with ``discard_last()`` forgets its discarded call);
+    ``stats`` (a dict) receives ``retried_rounds`` and the ``other_cpu_share`` of every kept round.
 
     ``timers[name]`` (optional) times one call itself, e.g. with CUDA events; otherwise the call
     is timed with ``clock``. ``progress(name, round)`` is called after each recorded call.
-
     ``min_repeats`` + ``tolerance``: stop after round ``min_repeats`` or later once every spread
     (max - min) / median is within ``tolerance`` (``stats['rounds']``). ``keep`` (tasks doing the same
     work): from round ``min_repeats`` a task outside ``keep`` slower in its fastest call than the
