@@ -388,3 +388,17 @@ def test_fast_protocol_asks_batch1_accuracy_only_of_runtime_quantized_rows(monke
     assert set(measure_mod.batch1_accuracy(setup("fast"), opened)) == {"ort-int8", "ort-int4"}
     assert set(measure_mod.batch1_accuracy(setup("full"), opened)) == {v.name for v in live} - {"torch-fp32-padded"}
     assert PROTOCOLS["fast"]["warmup"] == 1 and PROTOCOLS["full"]["warmup"] == 2
+
+
+def test_setup_scores_label_ids_as_accuracy():
+    """compare's accuracy of a plain classifier is the share of label ids that match (a regression
+    once scored every row by the argmax of the id vector itself: 0.49 on SST-2 for every variant)."""
+    import importlib
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    measure_mod = importlib.import_module("bertopt.compare.measure")
+    s = SimpleNamespace(spec=None, labels=np.array([0, 1, 1, 0, 1]))
+    assert measure_mod.Setup.score(s, np.array([0, 1, 0, 0, 1])) == pytest.approx(0.8)
+    assert measure_mod.Setup.score(s, np.array([1, 0, 0, 1, 0])) == pytest.approx(0.0)
