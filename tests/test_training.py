@@ -126,16 +126,28 @@ def test_precision_resolution_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     plan = training.resolve_precision("amp", cpu)
     assert not plan.available and "no native bf16" in plan.reason and "--force" in plan.reason
+    # native bf16 flags: amp (the default) runs bf16 only where the probe measures it faster than fp32
+    # (AVX512-BF16 without AMX measured slower on one Xeon, 2x faster on an AMD EPYC)
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: (0.030, 0.012))
     plan = training.resolve_precision("amp", cpu)
     assert plan.available and plan.autocast_dtype == torch.bfloat16 and not plan.grad_scaler
-    # AVX512-BF16 without AMX: bf16 is native but measured slower than fp32, so amp (the default) skips
-    # it and an explicit --precision bf16 runs it
+    assert "measured 2.50x fp32" in plan.reason
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: (0.030, 0.039))
     plan = training.resolve_precision("amp", cpu)
-    assert not plan.available and "no AMX-BF16" in plan.reason and "--precision bf16" in plan.reason
+    assert not plan.available and "measured 0.77x fp32" in plan.reason and "--precision bf16" in plan.reason
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: (0.030, 0.028))  # 1.07x: below the bar
+    assert not training.resolve_precision("amp", cpu).available
     assert training.resolve_precision("bf16", cpu).available
     assert not training.resolve_precision("fp16", cpu).available
+
+
+def test_cpu_bf16_probe_times_a_real_layer_in_both_precisions():
+    precision.cpu_bf16_speedup.cache_clear()
+    fp32_s, bf16_s = precision.cpu_bf16_speedup()
+    assert 0 < fp32_s < 5 and 0 < bf16_s < 60 and fp32_s != bf16_s
+    assert precision.cpu_bf16_speedup() == (fp32_s, bf16_s)  # measured once per process
 
 
 def test_mixed_precision_skipped_without_native_bf16(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):

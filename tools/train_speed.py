@@ -83,7 +83,8 @@ def _timed(owner, name, when=lambda: True):
 VARIANTS = {
     "bertopt": "the default loop (fused AdamW)",
     "bertopt-forloop": "the default loop with torch's for-loop AdamW (as before issue 16)",
-    "bertopt-bf16": "opt-in: bf16 autocast on CPU (mixed_precision.py --precision bf16); changes results",
+    "bertopt-bf16": "mixed_precision.py's loop: bf16 autocast, fp32 master weights (what --precision amp "
+                    "picks where bf16 measures faster here); not bit-identical to fp32",
     "bertopt-compile": "torch.compile(model, dynamic=True) (inductor), compile time included",
     "bound-frozen-word-emb": "NOT a training config: word embeddings frozen, the most any embedding-row "
                              "trick (sparse/lazy update) could save",
