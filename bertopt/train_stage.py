@@ -56,7 +56,8 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
     with stage_logging(stage, directory if ctx.is_main else None):
         print_config(stage, cfg)
         device = ctx.device if ctx.enabled else training.resolve_device(cfg.device)
-        plan = training.resolve_precision(cfg.precision, device)
+        # amp on CPU is a timing probe: rank 0's verdict holds for every rank (no mixed precisions)
+        plan = distributed.broadcast_object(ctx, training.resolve_precision(cfg.precision, device))
         if not plan.available and not (cfg.force and device.type == "cpu" and plan.name == "bf16"):
             log.warning("%s skipped: %s", stage, plan.reason)
             if ctx.is_main:

@@ -222,6 +222,43 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+AMP_WORKER = r'''
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.environ["BERTOPT_ROOT"])
+from bertopt import precision, training
+
+rank = int(os.environ.get("RANK", "0"))
+precision.cpu_flags = lambda: {"avx2", "avx512_bf16"}
+# the probe disagrees between the ranks: rank 0 measures bf16 2x faster, rank 1 2x slower
+precision.cpu_bf16_speedup = lambda: (0.02, 0.01) if rank == 0 else (0.01, 0.02)
+seen = []
+orig_train = training.train
+def train(model, loader, eval_loader, cfg, device, plan, *a, **k):
+    seen.append(plan.name if plan.autocast_dtype is not None else "fp32")
+    return orig_train(model, loader, eval_loader, cfg, device, plan, *a, **k)
+training.train = train
+import mixed_precision
+code = mixed_precision.main(sys.argv[1:])
+Path(os.environ["SPY_DIR"], f"rank{rank}.json").write_text(json.dumps(seen))
+sys.exit(code)
+'''
+
+
+def test_amp_probe_verdict_is_rank_zeros_on_every_rank(tmp_path, nodrop_model_dir, tiny_data_dir):
+    """amp on CPU times bf16 on each rank; rank 0's verdict must hold everywhere (no rank in fp32
+    while another trains in bf16)."""
+    worker, spy = tmp_path / "amp_worker.py", tmp_path / "spy"
+    worker.write_text(AMP_WORKER)
+    spy.mkdir()
+    job = _run(_torchrun(worker, _args(nodrop_model_dir, tiny_data_dir, tmp_path / "out", epochs=1)), tmp_path,
+               _clean_env({"SPY_DIR": str(spy)}))
+    assert job.returncode == 0, job.stdout[-4000:]
+    assert [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)] == [["bf16"], ["bf16"]]
+    manifest = json.loads((tmp_path / "out" / "mixed_precision" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["metrics"]["precision"] == "bf16"
+
+
 @pytest.mark.skipif(_cuda_devices() < 2, reason="needs 2 CUDA devices (NCCL)")
 def test_two_nccl_ranks_on_gpus(tmp_path, worker, nodrop_model_dir, tiny_data_dir):
     spy = tmp_path / "spy"
