@@ -129,7 +129,7 @@ class OrtPredictor:
     backend = "onnxruntime"
 
     def __init__(self, path, name: str | None = None, providers=None, intra_op_threads: int | None = None,
-                 graph_optimization_level: str = "all", precision: str = "fp32"):
+                 graph_optimization_level: str = "all", precision: str = "fp32", spinning: bool | None = None):
         from pathlib import Path
 
         import onnxruntime as ort
@@ -155,6 +155,8 @@ class OrtPredictor:
             "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}[graph_optimization_level])
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
+        if spinning is not None:  # idle intra-op threads busy-wait for the next run (ORT's default: on)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3  # errors only; session problems surface as exceptions
         wants_gpu = any(_provider_name(p) in GPU_PROVIDERS for p in providers)
         preload_note = preload_gpu_libraries(ort) if wants_gpu else None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -69,6 +70,23 @@ def handler():
 @pytest.fixture(scope="module")
 def model(handler, served):
     return handler.model_fn(str(served["model_dir"]))
+
+
+def test_model_fn_takes_batch_runners_and_ort_spinning_from_the_environment(handler, served, monkeypatch):
+    monkeypatch.setenv("BERTOPT_BATCH_WAIT_MS", "1")
+    monkeypatch.setenv("BERTOPT_BATCH_RUNNERS", "3")
+    monkeypatch.setenv("BERTOPT_ORT_SPINNING", "0")
+    m = handler.model_fn(str(served["model_dir"]))
+    try:
+        assert len(m.batcher._threads) == 3
+        opts = m.predictor.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        m.batcher.close()
+    monkeypatch.setenv("BERTOPT_ORT_SPINNING", "on")
+    assert handler.load_settings(str(served["model_dir"]))["ort_spinning"] is True
+    monkeypatch.delenv("BERTOPT_ORT_SPINNING")
+    assert handler.load_settings(str(served["model_dir"]))["ort_spinning"] is None  # ONNX Runtime's default
 
 
 def test_input_fn_json_and_csv(handler):
@@ -466,7 +484,6 @@ def test_aws_deploy_local_cli(tmp_path, saved, monkeypatch):
 
 # --------------------------------------------------------------- micro-batching and /metrics
 def test_micro_batcher_combines_concurrent_requests_in_order(handler):
-    import threading
 
     gate, runs = threading.Event(), []
 
@@ -498,6 +515,27 @@ def test_micro_batcher_combines_concurrent_requests_in_order(handler):
     assert results == {0: ["A"], **{i: [f"T{i}", f"U{i}"] for i in range(1, 5)}}  # each caller its own slice
     assert runs[0] == ["a"] and [len(r) for r in runs[1:]] == [4, 4]  # 2 requests of 2 texts fit in 5
     assert batches == [(1, 1), (2, 4), (2, 4)]
+
+
+def test_micro_batcher_runners_run_batches_concurrently(handler):
+    """Two runners: two batches are in the model at once (a 2-party barrier inside run() passes
+    only then; one runner would break it), each caller gets its own answer, close() stops both."""
+    barrier = threading.Barrier(2, timeout=5)
+
+    def run(texts):
+        barrier.wait()
+        return [t.upper() for t in texts]
+
+    batcher = handler.MicroBatcher(run, max_texts=1, wait_ms=0, runners=2)
+    results = {}
+    callers = [threading.Thread(target=lambda t=t: results.update({t: batcher.submit([t])})) for t in "ab"]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join(10)
+    batcher.close()
+    assert results == {"a": ["A"], "b": ["B"]}
+    assert not any(t.is_alive() for t in batcher._threads)
 
 
 def test_micro_batcher_passes_model_errors_to_every_caller(handler):
@@ -556,7 +594,9 @@ def test_thread_plan_container_env_and_cost():
     from bertopt.aws.config import AwsDeployConfig
     from bertopt.aws.deploy import container_env
 
-    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 2, 32)
+    # micro-batching on 2 vCPUs: two single-threaded batch runners; on 16, four runners of 4 threads
+    assert instances.thread_plan(2, batching=True) == instances.ThreadPlan(2, 1, 1, 32, batch_runners=2)
+    assert instances.thread_plan(16, batching=True) == instances.ThreadPlan(16, 1, 4, 64, batch_runners=4)
     assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
     assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
     assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 1, 4)
@@ -585,12 +625,15 @@ def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, 
     code = loadtest.main(["--compare", "--model-path", str(saved / "onnx" / "baseline" / "model.onnx"), "--clients",
                           "4", "--seconds", "0.5", "--p99-target-ms", "2000", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert code == 0 and res["schema"] == "bertopt.loadtest/1" and set(res["modes"]) == {"per-request", "micro-batching"}
+    assert code == 0 and res["schema"] == "bertopt.loadtest/2" and set(res["modes"]) == {"per-request", "micro-batching"}
     for mode in res["modes"].values():
         assert mode["steps"][0]["errors"] == 0 and mode["requests_per_s_at_target"] > 0
     assert res["modes"]["micro-batching"]["at_2x_per_request"]["requests"] > 0
     assert res["pricing"]["instance_type"] == "ml.m5.large" and res["pricing"]["as_of"]
     assert res["cost_per_million"]["per-request"] > 0 and res["speedup"] > 0
-    ceiling = res["model_only"]  # the bare model at batch 1 and 32: the most batching can gain
-    assert ceiling["batch1_texts_per_s"] > 0 and ceiling["ratio"] == pytest.approx(
-        ceiling["batch32_texts_per_s"] / ceiling["batch1_texts_per_s"], abs=0.01)
+    ceiling = res["model_only"]  # the bare model as each server runs it: the most batching can gain
+    per, batched = ceiling["per_request"], ceiling["micro_batching"]
+    assert (per["batch"], batched["batch"]) == (1, 32) and per["texts_per_s"] > 0
+    assert ceiling["ratio"] == pytest.approx(batched["texts_per_s"] / per["texts_per_s"], abs=0.01)
+    cpu = res["modes"]["per-request"]["cpu_ms_per_request"]  # server and load generator CPU per request
+    assert cpu["server"] > 0 and cpu["load_generator"] > 0 and cpu["bound_rps"] > 0

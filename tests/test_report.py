@@ -352,18 +352,21 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
 
     def mode(rps, p99):
         best = {"offered_rps": rps, "achieved_rps": rps, "p50_ms": 9.0, "p99_ms": p99, "errors": 0}
-        return {"requests_per_s_at_target": rps, "best": best, "steps": [best], "other_cpu_share": 0.02}
+        return {"requests_per_s_at_target": rps, "best": best, "steps": [best], "other_cpu_share": 0.02,
+                "cpu_ms_per_request": {"server": 2000 / rps, "load_generator": 0.25}}
 
     batching = mode(520.0, 41.0)
     batching["at_2x_per_request"] = {"offered_rps": 420.0, "achieved_rps": 419.5, "p99_ms": 30.5, "errors": 0}
     (tmp_path / report.LOADTEST_FILE).write_text(json.dumps({
-        "schema": "bertopt.loadtest/1", "created": "2026-12-02T08:00:00+0000", "model_path": "model.int8.onnx",
+        "schema": "bertopt.loadtest/2", "created": "2026-12-02T08:00:00+0000", "model_path": "model.int8.onnx",
         "machine": {"vcpus": 2}, "protocol": {"clients": 16, "seconds_per_step": 4, "p99_target_ms": 100,
                                              "pass": "0 errors"},
         "modes": {"per-request": mode(210.0, 88.0), "micro-batching": batching}, "speedup": 2.48,
         "pricing": {"instance_type": "ml.m5.large", "note": "measured here", "source": "pinned 2025-10"},
         "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072},
-        "model_only": {"threads": 2, "batch1_texts_per_s": 803.0, "batch32_texts_per_s": 1530.0, "ratio": 1.91}}))
+        "model_only": {"per_request": {"batch": 1, "concurrent_runs": 2, "threads_per_run": 1, "texts_per_s": 1935.0},
+                       "micro_batching": {"batch": 32, "concurrent_runs": 2, "threads_per_run": 1, "texts_per_s": 3223.0},
+                       "ratio": 1.67}}))
     html = report.render_report(path).read_text()
     section = html[html.index('<section id="serving">'):]
     section = section[:section.index("</section>")]
@@ -371,7 +374,9 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
     rows = re.findall(r"<tr><td class=\"l\">([a-z-]+)</td><td>([\d.]+)</td>", section)
     assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
     assert "0.178" in section and "0.072" in section
-    assert "runs 803 texts/s" in section and "1530 texts/s in batches of 32: 1.91×" in section
+    assert "2 concurrent runs of one text at 1 thread(s) each,\n1935 texts/s" in section
+    assert "on batches of 32,\n3223 texts/s: 1.67×" in section
+    assert "<td>9.52 + 0.25</td>" in section  # CPU ms per request: 2000 / 210 in the server
 
 
 def test_training_curves_show_eval_accuracy_per_step():

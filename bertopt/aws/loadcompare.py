@@ -22,7 +22,7 @@ from .. import artifacts
 from . import instances
 from .loadtest import SENTENCES, _line, open_loop, passes, sweep
 
-SCHEMA = "bertopt.loadtest/1"
+SCHEMA = "bertopt.loadtest/2"  # /2: model_only as each server runs the model; cpu_ms_per_request
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {"per-request": ["--no-batching"], "micro-batching": []}
 _URL = re.compile(r"on (http://127\.0\.0\.1:\d+)")
@@ -73,7 +73,7 @@ def _measure(model_path: str, mode: str, args, workdir: str, check_rate: float |
         warm = open_loop(server.url, 100, 2.0, args.clients)  # loads the session, fills the caches
         print(f"{mode}: warm-up {warm['ok']}/{warm['requests']} ok; sweep (p99 target {args.p99_target_ms} ms)",
               file=sys.stderr, flush=True)
-        share, cpu0 = CpuShare(), server.cpu_seconds()
+        share, cpu0, gen0 = CpuShare(), server.cpu_seconds(), time.process_time()
         result = sweep(server.url, clients=args.clients, p99_target_ms=args.p99_target_ms,
                        seconds=args.seconds or 4.0, start_rate=args.start_rate,
                        progress=lambda s: print(_line(s), file=sys.stderr, flush=True))
@@ -82,38 +82,73 @@ def _measure(model_path: str, mode: str, args, workdir: str, check_rate: float |
             step["passed"] = passes(step, args.p99_target_ms)
             print(f"{mode} at 2x the per-request rate:\n{_line(step)}", file=sys.stderr, flush=True)
             result["at_2x_per_request"] = step
-        elapsed = time.perf_counter() - share.start[0]
-        server_share = (server.cpu_seconds() - cpu0) / (elapsed * (os.cpu_count() or 1))
+        elapsed, server_cpu = time.perf_counter() - share.start[0], server.cpu_seconds() - cpu0
+        server_share = server_cpu / (elapsed * (os.cpu_count() or 1))
         result["other_cpu_share"] = round(max(0.0, share.others() - server_share), 3)
+        result["cpu_ms_per_request"] = _cpu_per_request(result, server_cpu, time.process_time() - gen0)
     finally:
         server.stop()
     return result
 
 
+def _cpu_per_request(result: dict, server_cpu: float, generator_cpu: float) -> dict:
+    """CPU milliseconds per answered request over the whole sweep, in the server process and in the
+    load generator (this process): on a shared machine both come out of the same vCPUs, so
+    ``vcpus * 1000 / (server + generator)`` bounds the requests/s whatever the batching."""
+    done = sum(s["ok"] for s in result["steps"]) + sum(s["ok"] for k, s in result.items() if k == "at_2x_per_request")
+    if not done:
+        return {}
+    server, generator = 1000 * server_cpu / done, 1000 * generator_cpu / done
+    return {"server": round(server, 3), "load_generator": round(generator, 3),
+            "bound_rps": round(instances.local_vcpus() * 1000 / (server + generator), 1)}
+
+
 def model_ceiling(model_path: str, batch: int, seconds: float = 1.5) -> dict:
-    """The bare model's texts/s (no HTTP, no JSON) on the load test's sentences at batch 1 and at
-    ``batch``, with every vCPU: the most micro-batching can gain over per-request runs is the ratio
-    of the two, whatever the server does."""
-    from .. import data, modeling, runtimes
+    """The bare model's texts/s (no HTTP, no JSON) on the load test's sentences, run the way each
+    server runs it (:func:`instances.thread_plan`): per request, batch 1 on as many concurrent runs
+    as the plan has vCPUs for; micro-batching, batches of ``batch`` on the plan's batch runners. The
+    ratio is the most micro-batching can gain over per-request serving, whatever the HTTP side costs."""
+    from .. import modeling, runtimes
 
     if not str(model_path).endswith(".onnx"):
         return {"skipped": "the model-only ceiling is measured for .onnx models"}
-    predictor = runtimes.OrtPredictor(model_path, intra_op_threads=instances.local_vcpus())
+    vcpus = instances.local_vcpus()
+    per, batched = instances.thread_plan(vcpus, batching=False), instances.thread_plan(vcpus, batching=True)
     tokenizer = modeling.load_tokenizer(str(Path(model_path).parent))
-    out = {"threads": instances.local_vcpus(), "seconds_each": seconds}
-    for b in (1, batch):
-        texts = [SENTENCES[i % len(SENTENCES)] for i in range(b)]
-        feed = data.pad_batch(data.tokenize(texts, tokenizer, 128), tokenizer.pad_token_id or 0,
-                              "token_type_ids" in predictor.input_names)
-        for _ in range(10):
-            predictor.predict_logits(feed)
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            predictor.predict_logits(feed)
-            runs += 1
-        out[f"batch{b}_texts_per_s"] = round(b * runs / (time.perf_counter() - start), 1)
-    out["ratio"] = round(out[f"batch{batch}_texts_per_s"] / out["batch1_texts_per_s"], 2)
+    out = {"seconds_each": seconds}
+    for key, plan, b in (("per_request", per, 1), ("micro_batching", batched, batch)):
+        predictor = runtimes.OrtPredictor(model_path, intra_op_threads=plan.model_threads)
+        runs = max(1, vcpus // plan.model_threads)
+        out[key] = {"batch": b, "concurrent_runs": runs, "threads_per_run": plan.model_threads,
+                    "texts_per_s": _texts_per_s(predictor, tokenizer, b, runs, seconds)}
+    out["ratio"] = round(out["micro_batching"]["texts_per_s"] / out["per_request"]["texts_per_s"], 2)
     return out
+
+
+def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float) -> float:
+    """``runs`` threads calling one session on the same batch for ``seconds`` (ONNX Runtime
+    releases the GIL and allows concurrent runs of a session)."""
+    from .. import data
+
+    texts = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    feed = data.pad_batch(data.tokenize(texts, tokenizer, 128), tokenizer.pad_token_id or 0,
+                          "token_type_ids" in predictor.input_names)
+    for _ in range(10):
+        predictor.predict_logits(feed)
+    counts, stop = [0] * runs, time.perf_counter() + seconds
+
+    def loop(k: int) -> None:
+        while time.perf_counter() < stop:
+            predictor.predict_logits(feed)
+            counts[k] += 1
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(runs)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return round(batch * sum(counts) / (time.perf_counter() - start), 1)
 
 
 def run_compare(args) -> dict:

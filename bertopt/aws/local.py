@@ -222,14 +222,16 @@ def run_local(cfg) -> StageResult:
     """aws_deploy.py --local: serve until Ctrl-C."""
     start = time.perf_counter()
     plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
-    for key, value in {"BERTOPT_THREADS": str(plan.model_threads), **instances.SERVING_ENV}.items():
+    env = {"BERTOPT_THREADS": str(plan.model_threads), "BERTOPT_BATCH_RUNNERS": str(plan.batch_runners),
+           **instances.SERVING_ENV}
+    for key, value in env.items():
         os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer
     archive, model_dir, handler, model = prepare_local(cfg)
     threads = cfg.local_threads or plan.http_threads
     endpoint = LocalEndpoint(InvocationsApp(handler, model), cfg.host, cfg.port, threads)
     log.info("local endpoint: %d vCPUs, %d HTTP threads, %s model threads, micro-batching %s", plan.vcpus, threads,
-             os.environ["BERTOPT_THREADS"], f"up to {cfg.batch_max_texts} texts, {cfg.batch_wait_ms} ms wait"
-             if cfg.batching else "off")
+             os.environ["BERTOPT_THREADS"], f"up to {cfg.batch_max_texts} texts, {cfg.batch_wait_ms} ms wait, "
+             f"{os.environ['BERTOPT_BATCH_RUNNERS']} runners" if cfg.batching else "off")
     if cfg.host not in LOOPBACK:
         log.warning("the local endpoint listens on %s: other machines can reach it", cfg.host)
     print(f"serving {model.info.get('variant')} from {archive.path} (sha256 {archive.sha256[:12]}) on {endpoint.url}\n"

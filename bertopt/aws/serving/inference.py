@@ -20,9 +20,12 @@ Limits:   at most ``max_batch`` texts and ``max_chars`` characters per text (ser
 Batching: with ``batch_wait_ms`` >= 0 (BERTOPT_BATCH_WAIT_MS; serving.json) concurrent predict_fn calls
           are micro-batched by :class:`MicroBatcher`: one model run for every request queued while the
           previous batch ran, plus those arriving within ``batch_wait_ms``, up to ``batch_max_texts``
-          texts (BERTOPT_BATCH_MAX_TEXTS). ``batch_wait_ms`` < 0 runs each request alone.
+          texts (BERTOPT_BATCH_MAX_TEXTS), on ``batch_runners`` threads (BERTOPT_BATCH_RUNNERS).
+          ``batch_wait_ms`` < 0 runs each request alone.
 Threads:  BERTOPT_THREADS sets ONNX Runtime's / torch's intra-op threads (the deploy derives it from
-          the instance's vCPUs); the GIL switch interval is ``gil_switch_ms`` (0.5 ms; BERTOPT_GIL_SWITCH_MS).
+          the instance's vCPUs); the GIL switch interval is ``gil_switch_ms`` (0.5 ms; BERTOPT_GIL_SWITCH_MS);
+          ``ort_spinning`` (BERTOPT_ORT_SPINNING=0/1) lets ONNX Runtime's idle intra-op threads
+          busy-wait for the next run or not (unset: ONNX Runtime's default, on).
 
 Request errors raise :class:`RequestError` (a ValueError with an HTTP ``status`` and a JSON
 ``body()``). The local endpoint answers with that status; the SageMaker toolkit turns every
@@ -65,11 +68,13 @@ SETTINGS_FILE = "serving.json"
 JSON = "application/json"
 CSV = "text/csv"
 DEFAULTS = {"max_batch": 64, "max_chars": 10000, "max_length": 128, "batch_wait_ms": -1.0, "batch_max_texts": 64,
-            "gil_switch_ms": 0.5}
+            "batch_runners": 1, "gil_switch_ms": 0.5, "ort_spinning": None}
 ENV = {"max_batch": "BERTOPT_MAX_BATCH", "max_chars": "BERTOPT_MAX_CHARS", "max_length": "BERTOPT_MAX_LENGTH",
        "batch_wait_ms": "BERTOPT_BATCH_WAIT_MS", "batch_max_texts": "BERTOPT_BATCH_MAX_TEXTS",
-       "gil_switch_ms": "BERTOPT_GIL_SWITCH_MS"}
+       "batch_runners": "BERTOPT_BATCH_RUNNERS",
+       "gil_switch_ms": "BERTOPT_GIL_SWITCH_MS", "ort_spinning": "BERTOPT_ORT_SPINNING"}
 FLOAT_SETTINGS = ("batch_wait_ms", "gil_switch_ms")
+BOOL_SETTINGS = ("ort_spinning",)
 DESCRIBE = object()  # input_fn's answer to {"describe": true}: predict_fn returns the model's description
 
 
@@ -105,18 +110,21 @@ class ServingModel:
 
 
 class MicroBatcher:
-    """Server-side micro-batching: callers block in :meth:`submit`; one thread runs the model on
-    every request queued while the previous batch ran, plus those arriving within ``wait_ms`` of
-    the first, up to ``max_texts`` texts, and hands each caller its own slice of the answer.
-    ``on_batch(requests, texts)`` is called after every model run (the local server's /metrics)."""
+    """Server-side micro-batching: callers block in :meth:`submit`; ``runners`` threads each take
+    the first queued request, add every request queued meanwhile plus those arriving within
+    ``wait_ms`` of the first, up to ``max_texts`` texts, run the model once and hand each caller its
+    own slice of the answer. Several runners keep every vCPU busy with single-threaded model runs
+    while the next batch gathers. ``on_batch(requests, texts)`` is called after every model run
+    (the local server's /metrics)."""
 
-    def __init__(self, run, max_texts: int, wait_ms: float, on_batch=None):
+    def __init__(self, run, max_texts: int, wait_ms: float, on_batch=None, runners: int = 1):
         self.run, self.max_texts, self.wait_s = run, max(1, int(max_texts)), max(0.0, float(wait_ms)) / 1000.0
         self.on_batch = on_batch
         self._queue: queue.Queue = queue.Queue()
-        self._carry = None  # a request that did not fit into the previous batch
-        self._thread = threading.Thread(target=self._loop, name="bertopt-micro-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"bertopt-micro-batcher-{i}", daemon=True)
+                         for i in range(max(1, int(runners)))]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, texts: list) -> list:
         future: Future = Future()
@@ -124,10 +132,12 @@ class MicroBatcher:
         return future.result()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._queue.put(None)  # every runner passes it on and stops
+        for thread in self._threads:
+            thread.join(timeout=10)
 
-    def _collect(self, first) -> list:
+    def _collect(self, first) -> tuple[list, object]:
+        """The batch that starts with ``first``, and the request that did not fit (or None)."""
         batch, n = [first], len(first[0])
         deadline = time.monotonic() + self.wait_s
         while n < self.max_texts:
@@ -145,34 +155,38 @@ class MicroBatcher:
                 self._queue.put(None)  # stop after this batch
                 break
             if n + len(item[0]) > self.max_texts:
-                self._carry = item
-                break
+                return batch, item
             batch.append(item)
             n += len(item[0])
-        return batch
+        return batch, None
 
     def _loop(self) -> None:
+        carry = None
         while True:
-            first, self._carry = (self._carry or self._queue.get()), None
+            first, carry = (carry or self._queue.get()), None
             if first is None:
+                self._queue.put(None)  # for the other runners
                 return
-            batch = self._collect(first)
-            texts = [t for texts, _ in batch for t in texts]
+            batch, carry = self._collect(first)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> None:
+        texts = [t for texts, _ in batch for t in texts]
+        try:
+            preds = self.run(texts)
+        except Exception as exc:  # the callers' threads raise it (the server answers 500)
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        start = 0
+        for texts_i, future in batch:
+            future.set_result(preds[start:start + len(texts_i)])
+            start += len(texts_i)
+        if self.on_batch is not None:
             try:
-                preds = self.run(texts)
-            except Exception as exc:  # the callers' threads raise it (the server answers 500)
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            start = 0
-            for texts_i, future in batch:
-                future.set_result(preds[start:start + len(texts_i)])
-                start += len(texts_i)
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(len(batch), len(texts))
-                except Exception:  # metrics must never stop the batch runner
-                    log.exception("micro-batching: on_batch callback failed")
+                self.on_batch(len(batch), len(texts))
+            except Exception:  # metrics must never stop the batch runner
+                log.exception("micro-batching: on_batch callback failed")
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -185,8 +199,14 @@ def load_settings(model_dir: str) -> dict:
             settings.update(json.load(fh))
     for key, var in ENV.items():
         if os.environ.get(var):
-            settings[key] = (float if key in FLOAT_SETTINGS else int)(os.environ[var])
+            settings[key] = _parse_setting(key, os.environ[var])
     return settings
+
+
+def _parse_setting(key: str, value: str):
+    if key in BOOL_SETTINGS:
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return (float if key in FLOAT_SETTINGS else int)(value)
 
 
 def _label_names(model_dir: str, settings: dict, num_labels: int | None = None) -> list[str]:
@@ -224,7 +244,8 @@ def _make_predictor(model_dir: str, settings: dict):
     if backend == "onnxruntime":
         path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
         return _runtimes.OrtPredictor(path, name=name, providers=_providers(settings),
-                                      intra_op_threads=_threads(), precision=settings.get("precision", "fp32"))
+                                      intra_op_threads=_threads(), precision=settings.get("precision", "fp32"),
+                                      spinning=settings.get("ort_spinning"))
     if backend == "openvino":  # Intel CPU hosts; the archive pins openvino in code/requirements.txt
         path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
         return _runtimes.OpenVinoPredictor(path, name=name or "ov-fp32", precision=settings.get("precision", "fp32"),
@@ -292,11 +313,12 @@ def model_fn(model_dir, context=None):
     _set_gil_switch(float(settings["gil_switch_ms"]))
     if float(settings["batch_wait_ms"]) >= 0:
         model.batcher = MicroBatcher(lambda texts: _rows(texts, model), settings["batch_max_texts"],
-                                     settings["batch_wait_ms"])
+                                     settings["batch_wait_ms"], runners=settings["batch_runners"])
     log.info("loaded %s (%s, %s) labels %s, max batch %d, max chars %d, micro-batching %s, threads %s",
              settings.get("variant"), settings.get("backend"), settings.get("precision"), model.label_names,
              model.max_batch, model.max_chars,
-             f"{settings['batch_wait_ms']} ms / {settings['batch_max_texts']} texts" if model.batcher else "off",
+             f"{settings['batch_wait_ms']} ms / {settings['batch_max_texts']} texts / {settings['batch_runners']} runners"
+             if model.batcher else "off",
              _threads() or "default")
     return model
 
