@@ -175,7 +175,7 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     assert runtimes_src == (root / "runtimes.py").read_bytes()
     assert settings == {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
                         "model_file": "model.onnx", "label_names": LABELS, "max_length": 64, "max_batch": 8,
-                        "max_chars": 200, "batch_wait_ms": 2.0, "batch_max_texts": 64, "device": "cpu"}
+                        "max_chars": 200, "batch_wait_ms": 0.0, "batch_max_texts": 64, "device": "cpu"}
     import onnxruntime
 
     assert f"onnxruntime=={onnxruntime.__version__}" in reqs.splitlines() and "--no-index" not in reqs

@@ -131,7 +131,7 @@ class AwsDeployConfig(AwsConfig):
     max_batch: int = 64
     max_chars: int = 10000
     batching: bool = True                # local server: micro-batch concurrent requests
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0          # what queued while a batch ran joins the next; > 0 also waits
     batch_max_texts: int = 64
     # blue/green update of the live endpoint
     update: bool = False
@@ -339,7 +339,8 @@ def add_deploy_args(parser) -> None:
     cli.add(g, "--no-batching", dest="batching", action="store_false", default=None,
             help="local endpoint: run each request alone (default: micro-batch concurrent requests)")
     cli.add(g, "--batch-wait-ms", type=float, metavar="MS",
-            help="micro-batching: wait up to MS for more requests after the first (default: 2)")
+            help="micro-batching: also wait up to MS for more requests after the first (default: 0: a batch is "
+                 "what queued while the previous one ran)")
     cli.add(g, "--batch-max-texts", type=int, metavar="N", help="micro-batching: most texts per batch (default: 64)")
 
 
