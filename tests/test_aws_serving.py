@@ -589,6 +589,39 @@ def test_metrics_endpoint_counts_requests_latency_and_batches(tmp_path, saved):
     assert samples[("bertopt_batch_requests_sum", ())] == 3
 
 
+def test_metrics_show_the_http_queue_depth_instead_of_a_warning_per_request(caplog):
+    """Requests waiting for a busy HTTP thread: the gauge counts them and waitress logs nothing."""
+    import logging
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from bertopt.aws import local
+
+    release = threading.Event()
+    fake = SimpleNamespace(input_fn=lambda body, ctype: body, output_fn=lambda pred, accept: "[]",
+                           predict_fn=lambda data, model: release.wait(10))
+    app = local.InvocationsApp(fake, SimpleNamespace(batcher=None))
+    endpoint = local.LocalEndpoint(app, "127.0.0.1", 0, threads=1).start()
+    depth = lambda: app.metrics.registry.get_sample_value("bertopt_http_queue_depth")  # noqa: E731
+    caplog.set_level(logging.DEBUG)
+    try:
+        assert depth() == 0
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(http, endpoint.url, "/invocations", b"x") for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while depth() < 2 and time.monotonic() < deadline:  # one request in service, two waiting
+                time.sleep(0.01)
+            queued = depth()
+            release.set()
+            statuses = [a.result()[0] for a in answers]
+    finally:
+        release.set()
+        endpoint.stop()
+    assert queued == 2 and statuses == [200] * 3 and depth() == 0
+    assert not [r for r in caplog.records if r.name == "waitress.queue" and r.levelno < logging.ERROR]
+
+
 def test_thread_plan_container_env_and_cost():
     from bertopt.aws import instances
     from bertopt.aws.config import AwsDeployConfig

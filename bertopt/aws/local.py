@@ -86,6 +86,16 @@ class ServerMetrics:
                                         registry=self.registry)
         self.batch_texts = Histogram("bertopt_batch_texts", "texts per model run", buckets=BATCH_BUCKETS,
                                      registry=self.registry)
+        self.queue_depth = None
+
+    def watch_queue(self, depth) -> None:
+        """``bertopt_http_queue_depth``: requests waiting for an HTTP thread (``depth()`` at scrape time)."""
+        from prometheus_client import Gauge
+
+        if self.queue_depth is None:
+            self.queue_depth = Gauge("bertopt_http_queue_depth", "requests waiting for a free HTTP thread",
+                                     registry=self.registry)
+        self.queue_depth.set_function(depth)
 
     def observe_batch(self, requests: int, texts: int) -> None:
         self.batch_requests.observe(requests)
@@ -183,6 +193,12 @@ class LocalEndpoint:
                                         max_request_body_size=MAX_BODY_BYTES + 1024, channel_timeout=60)
         except OSError as exc:
             raise PipelineError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port)") from None
+        # waitress warns once per request that finds every thread busy (3,382 lines in 8 s at 600/s):
+        # under load that is normal, so the depth goes to /metrics instead
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        dispatcher = self.server.task_dispatcher
+        if isinstance(getattr(app, "metrics", None), ServerMetrics):
+            app.metrics.watch_queue(lambda: len(dispatcher.queue))
         self.host, self.port = host, self.server.effective_port
         self._thread = None
 
