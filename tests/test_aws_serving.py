@@ -87,6 +87,11 @@ def test_model_fn_takes_batch_runners_and_ort_spinning_from_the_environment(hand
     assert handler.load_settings(str(served["model_dir"]))["ort_spinning"] is True
     monkeypatch.delenv("BERTOPT_ORT_SPINNING")
     assert handler.load_settings(str(served["model_dir"]))["ort_spinning"] is None  # ONNX Runtime's default
+    for var, bad in (("BERTOPT_ORT_SPINNING", "maybe"), ("BERTOPT_BATCH_RUNNERS", "two")):
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(ValueError, match=f"{var}='{bad}': expected"):
+            handler.load_settings(str(served["model_dir"]))
+        monkeypatch.delenv(var)
 
 
 def test_input_fn_json_and_csv(handler):

@@ -203,10 +203,18 @@ def load_settings(model_dir: str) -> dict:
     return settings
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse_setting(key: str, value: str):
-    if key in BOOL_SETTINGS:
-        return value.strip().lower() not in ("0", "false", "no", "off")
-    return (float if key in FLOAT_SETTINGS else int)(value)
+    """An environment override, or a ValueError that names the variable."""
+    kind = "0 or 1" if key in BOOL_SETTINGS else "a number" if key in FLOAT_SETTINGS else "an integer"
+    try:
+        if key in BOOL_SETTINGS:
+            return _BOOLS[value.strip().lower()]
+        return (float if key in FLOAT_SETTINGS else int)(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"{ENV[key]}={value!r}: expected {kind}") from None
 
 
 def _label_names(model_dir: str, settings: dict, num_labels: int | None = None) -> list[str]:
