@@ -16,6 +16,7 @@ TASKS = ("classification", "multi-label", "regression")  # bertopt.tasks.TASKS (
 LONG_TEXT = ("truncate", "head-tail", "chunk")
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_DATA_DIR = "data"  # where named data sets are looked for first
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "amp", "fp16", "bf16")
 
@@ -30,7 +31,7 @@ class CommonConfig:
 
     model: str = DEFAULT_MODEL
     dataset: str = "sst2"
-    data_dir: str = "data"
+    data_dir: str = DEFAULT_DATA_DIR
     text_column: Optional[str] = None
     label_column: Optional[str] = None
     output_dir: str = "saved_models"

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from . import tasks
+from .config import DEFAULT_DATA_DIR
 from .errors import DataError, first_line
 from .tables import SUFFIXES, RawSplit, frame_to_raw, read_table
 
@@ -75,6 +76,14 @@ def _named_local_dir(name: str, data_dir: str) -> Optional[Path]:
     return None
 
 
+def _check_given_dirs(data_dir: str) -> None:
+    """A directory the user named that does not exist is a typo, not a reason to try the hub."""
+    env = os.environ.get("BERTOPT_DATA_DIR")
+    for what, d in (("--data-dir", data_dir if data_dir != DEFAULT_DATA_DIR else None), ("BERTOPT_DATA_DIR", env)):
+        if d and not Path(d).is_dir():
+            raise DataError(f"{what} {d}: no such directory")
+
+
 def _load_hub(name: str) -> tuple[dict, str]:
     repo, subset, train_split, eval_split, text_col = HUB[name]
     try:
@@ -107,7 +116,7 @@ def _load_dir(directory: Path, text_col, label_col, no_header=False) -> tuple[di
     return raw, str(directory)
 
 
-def load_raw(dataset: str, data_dir: str = "data", text_column=None, label_column=None,
+def load_raw(dataset: str, data_dir: str = DEFAULT_DATA_DIR, text_column=None, label_column=None,
              no_header: bool = False) -> tuple[dict, str]:
     """{'train': RawSplit, ['eval': RawSplit]} and a description of the source."""
     key = dataset.lower()
@@ -115,6 +124,7 @@ def load_raw(dataset: str, data_dir: str = "data", text_column=None, label_colum
         local = _named_local_dir(key, data_dir)
         if local is not None:
             return _load_dir(local, text_column, label_column, no_header)
+        _check_given_dirs(data_dir)
         return _load_hub(key)
     path = Path(dataset)
     if path.is_dir():
@@ -159,7 +169,7 @@ def _listed(values):
     return list(values) if values is not None else None
 
 
-def load_splits(dataset: str = "sst2", data_dir: str = "data", text_column=None, label_column=None,
+def load_splits(dataset: str = "sst2", data_dir: str = DEFAULT_DATA_DIR, text_column=None, label_column=None,
                 max_train_samples=None, max_eval_samples=None, seed: int = 42,
                 eval_fraction: float = 0.1, no_header: bool = False, task: Optional[str] = None) -> Splits:
     raw, source = load_raw(dataset, data_dir, text_column, label_column, no_header)

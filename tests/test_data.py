@@ -135,6 +135,19 @@ def test_sst2_offline_without_files_is_one_clear_error(tmp_path, monkeypatch):
         data.load_splits("sst2", data_dir=str(tmp_path))
 
 
+def test_a_named_directory_that_does_not_exist_fails_before_the_hub(tmp_path, monkeypatch):
+    def no_hub(name):
+        raise AssertionError("the hub must not be tried")
+
+    monkeypatch.setattr(data, "_load_hub", no_hub)
+    monkeypatch.delenv("BERTOPT_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match=r"^--data-dir .*missing: no such directory$"):
+        data.load_splits("sst2", data_dir=str(tmp_path / "missing"))
+    monkeypatch.setenv("BERTOPT_DATA_DIR", str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=r"^BERTOPT_DATA_DIR .*gone: no such directory$"):
+        data.load_splits("sst2", data_dir=str(tmp_path))
+
+
 def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 128, size=1000).tolist()
