@@ -8,13 +8,18 @@ import sys
 def main(argv=None) -> int:
     from bertopt import cli, logs
     from bertopt import gpu_smoke as smoke
+    from bertopt.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="gpu_smoke.py", description=__doc__, allow_abbrev=False)
     smoke.add_args(parser)
     ns = parser.parse_args(argv)
-    cfg = smoke.SmokeConfig(model=ns.model, data_dir=ns.data_dir, out=ns.out, rows=ns.rows, epochs=ns.epochs,
-                            repeats=ns.repeats, bert_base=ns.bert_base, skip_compare=ns.skip_compare,
-                            device=ns.device)
+    try:
+        cfg = smoke.SmokeConfig(model=ns.model, data_dir=ns.data_dir, out=ns.out, rows=ns.rows, epochs=ns.epochs,
+                                repeats=ns.repeats, bert_base=ns.bert_base, skip_compare=ns.skip_compare,
+                                device=ns.device)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     logs.configure(quiet=False)
     code, result = cli.run_stage("gpu_smoke", smoke.run, cfg)
     if result is not None:

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .errors import ConfigError
+
 log = logging.getLogger("bertopt.gpu_smoke")
 
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
@@ -39,6 +41,9 @@ class Row:
     figures: dict = field(default_factory=dict)
 
 
+MIN_ROWS = 16  # both labels in every split of the fine-tunes
+
+
 @dataclass
 class SmokeConfig:
     model: Optional[str] = None
@@ -51,6 +56,16 @@ class SmokeConfig:
     bert_base: bool = False
     skip_compare: bool = False
     device: str = "cuda"  # "cpu" rehearses every row on the CPU (checks the code paths; figures mean nothing)
+
+    def __post_init__(self):
+        p = [f"--{name.replace('_', '-')} must be an integer >= {low} (got {getattr(self, name)!r})"
+             for name, low in (("rows", MIN_ROWS), ("epochs", 1), ("repeats", 1), ("max_length", 8))
+             if not isinstance(getattr(self, name), int) or getattr(self, name) < low]
+        dev = self.device
+        if not (dev in ("cuda", "cpu") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            p.append(f"--device must be cuda, cuda:N or cpu (got {dev!r})")
+        if p:
+            raise ConfigError(p)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -467,6 +467,17 @@ def test_gpu_smoke_without_cuda_skips_every_gpu_row_with_its_reason(tmp_path, ti
     assert "train-fp16" in out and "tensorrt" in out and "11 skipped" in out
 
 
+def test_gpu_smoke_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys):
+    import gpu_smoke
+
+    out = tmp_path / "out"
+    assert gpu_smoke.main(["--rows", "-3", "--repeats", "0", "--device", "tpu", "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --rows must be an integer >= 16 (got -3)") and "\n" not in err
+    assert "--repeats must be" in err and "--device must be cuda, cuda:N or cpu (got 'tpu')" in err
+    assert not out.exists()  # no half-written synthetic data set
+
+
 def test_gpu_smoke_rehearsal_runs_every_row_on_the_cpu(tmp_path, tiny_model_dir):
     from bertopt import gpu_smoke as smoke
 
