@@ -48,6 +48,23 @@ def _optional_count(text: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
+def positive(kind=float):
+    """An argparse ``type``: a finite number > 0 of ``kind`` (int or float), else a usage error."""
+    what = "a positive integer" if kind is int else "a number > 0"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (0 < value < float("inf")):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
 def _bool(text: str) -> bool:
     value = str(text).lower()
     if value in ("1", "true", "yes", "on"):

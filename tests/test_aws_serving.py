@@ -466,6 +466,24 @@ def test_sweep_stops_at_the_first_failing_rate_and_refines(monkeypatch):
     assert not loadtest.passes({"errors": 0, "p99_ms": 1.0, "achieved_rps": 9, "offered_rps": 10}, 100)
 
 
+def test_loadtest_cli_rejects_bad_numbers_and_names_a_missing_server(capsys):
+    import socket
+
+    from bertopt.aws import loadtest
+
+    for flag, value in (("--rate", "-5"), ("--clients", "0"), ("--seconds", "inf"), ("--p99-target-ms", "x")):
+        with pytest.raises(SystemExit) as exit_:
+            loadtest.main([flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for extra in ([], ["--sweep", "--start-rate", "10"]):
+        assert loadtest.main(["--url", f"http://127.0.0.1:{port}", "--rate", "10", "--seconds", "0.2", *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"error: nothing answered at http://127.0.0.1:{port} (ConnectionRefusedError" in err, err
+
+
 def test_aws_deploy_local_cli(tmp_path, saved, monkeypatch):
     """aws_deploy.py --local builds, unpacks and serves; serve_forever is replaced by one request."""
     import aws_deploy

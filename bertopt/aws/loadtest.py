@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..cli import positive
+
 SENTENCES = [
     "a gripping and beautifully acted film", "dull, predictable and far too long",
     "the plot holds together until the last act", "one of the most charming comedies of the year",
@@ -154,13 +156,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8080", help="endpoint (default: http://127.0.0.1:8080)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (your own server only)")
-    p.add_argument("--clients", type=int, default=16, help="keep-alive connections (default: 16)")
-    p.add_argument("--rate", type=float, default=100.0, help="arrival rate, requests/s (default: 100)")
-    p.add_argument("--seconds", type=float, default=None, help="seconds per step (default: 10; sweep/compare: 4)")
-    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--clients", type=positive(int), default=16, help="keep-alive connections (default: 16)")
+    p.add_argument("--rate", type=positive(), default=100.0, help="arrival rate, requests/s (default: 100)")
+    p.add_argument("--seconds", type=positive(), default=None, help="seconds per step (default: 10; sweep/compare: 4)")
+    p.add_argument("--texts-per-request", type=positive(int), default=1, help="texts in each request (default: 1)")
     p.add_argument("--sweep", action="store_true", help="find the requests/s at --p99-target-ms")
-    p.add_argument("--p99-target-ms", type=float, default=100.0, help="sweep/compare p99 target (default: 100)")
-    p.add_argument("--start-rate", type=float, default=50.0, help="first sweep rate (default: 50)")
+    p.add_argument("--p99-target-ms", type=positive(), default=100.0, help="sweep/compare p99 target (default: 100)")
+    p.add_argument("--start-rate", type=positive(), default=50.0, help="first sweep rate (default: 50)")
     p.add_argument("--compare", action="store_true",
                    help="serve --model-path twice (per request, micro-batching), sweep both, write --out")
     p.add_argument("--model-path", help="--compare: the model to serve (.onnx file or model directory)")
@@ -189,7 +191,20 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
-    return 0 if result.get("errors", 0) == 0 else 1
+    unreachable = _unreachable(result)
+    if unreachable:
+        print(f"error: nothing answered at {args.url} ({unreachable}): start the endpoint first, "
+              "e.g. `python aws_deploy.py --local`", file=sys.stderr)
+    return 0 if result.get("errors", 0) == 0 and not unreachable else 1
+
+
+def _unreachable(result: dict):
+    """The first connection error when no request of a step or sweep got any HTTP answer (no server)."""
+    steps = result.get("steps") or [result]
+    if any(int(code) > 0 for step in steps for code in step.get("status_counts", {})):
+        return None
+    errors = [e for step in steps for e in step.get("first_errors", [])]
+    return errors[0] if errors else None
 
 
 def _line(step: dict) -> str:
