@@ -402,3 +402,25 @@ def test_setup_scores_label_ids_as_accuracy():
     s = SimpleNamespace(spec=None, labels=np.array([0, 1, 1, 0, 1]))
     assert measure_mod.Setup.score(s, np.array([0, 1, 0, 0, 1])) == pytest.approx(0.8)
     assert measure_mod.Setup.score(s, np.array([1, 0, 0, 1, 0])) == pytest.approx(0.0)
+
+
+def test_an_early_stopped_phase_says_why_its_progress_ended_short():
+    import importlib
+    import logging
+
+    measure = importlib.import_module("bertopt.compare.measure")
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger, level = logging.getLogger("bertopt.compare"), logging.getLogger("bertopt.compare").level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        measure._log_early_stop("end to end", {"rounds": 3, "dominated": {"ort-qdq": 2, "ort-int4": 3}}, 5)
+        measure._log_early_stop("end to end", {"rounds": 5, "dominated": {}}, 5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert lines == ["end to end: stopped after 3 of 5 rounds, every spread within the tolerance",
+                     "end to end: not timed again, slower in every pass than the leader: "
+                     "ort-qdq (after round 2), ort-int4 (after round 3)"]

@@ -372,9 +372,20 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
                                progress=lambda n, r: bar.update(1), settle_s=s.proto["settle_s"], guard=s.guard,
                                stats=stats, **_adaptive(s.proto))
     bar.close()
+    _log_early_stop("end to end", stats, s.proto["repeats"])
     phases.done("end_to_end", stats)
     return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0,
                     stats.get("dominated") or {})
+
+
+def _log_early_stop(phase: str, stats: dict, repeats: int) -> None:
+    """Say why a progress bar ended short of its total (the adaptive protocol stopped early)."""
+    rounds, dominated = stats.get("rounds") or repeats, stats.get("dominated") or {}
+    if rounds < repeats:
+        log.info("%s: stopped after %d of %d rounds, every spread within the tolerance", phase, rounds, repeats)
+    if dominated:
+        log.info("%s: not timed again, slower in every pass than the leader: %s", phase,
+                 ", ".join(f"{name} (after round {r})" for name, r in dominated.items()))
 
 
 def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
