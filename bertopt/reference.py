@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from . import export as ex
+from .config import DEFAULT_DATA_DIR
 from .logs import progress
 
 
@@ -18,6 +19,8 @@ class Reference:
         self.cfg = cfg
         self.source = source
         self.data_cfg = dict(cfg.to_dict(), **(source.manifest or {}).get("config", {}))
+        if cfg.data_dir != DEFAULT_DATA_DIR:  # where the trained-on data set lies now (compare's rule too)
+            self.data_cfg["data_dir"] = cfg.data_dir
 
     @cached_property
     def tokenizer(self):

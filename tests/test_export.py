@@ -325,3 +325,18 @@ def test_qdq_histogram_calibration_and_exclusion(exported, tiny_model_dir, tmp_p
     others = [n for n in matmuls if n.name not in facts["nodes_to_exclude"]]
     assert len(excluded) == 2 and all(producer.get(n.input[1]) != "DequantizeLinear" for n in excluded)
     assert any(producer.get(n.input[1]) == "DequantizeLinear" for n in others)  # the rest is quantized
+
+
+def test_the_reference_reads_the_trained_data_set_where_data_dir_says_it_lies_now():
+    """A stage reads the eval data the source trained on; an explicit --data-dir says where it is now."""
+    from types import SimpleNamespace
+
+    from bertopt.onnx_stage import OnnxConfig
+    from bertopt.reference import Reference
+    from conftest import SST2_DIR
+
+    source = SimpleNamespace(manifest={"config": {"dataset": "sst2", "data_dir": "/gone/data", "max_length": 64}})
+    moved = Reference(OnnxConfig(data_dir=str(SST2_DIR.parent)), source)
+    assert moved.data_cfg["data_dir"] == str(SST2_DIR.parent) and moved.data_cfg["max_length"] == 64
+    assert len(moved.splits.eval) == 872
+    assert Reference(OnnxConfig(), source).data_cfg["data_dir"] == "/gone/data"  # no flag: as trained
