@@ -262,13 +262,23 @@ def build_fused(config, src: Path, dst: Path) -> dict:
         raise ex.VariantUnavailable(f"{exc} (model type {config.model_type!r} is not in the families table)") from None
 
 
-def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+def _int8(cfg: OnnxConfig, base: Path, dst: Path) -> dict:
     reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
                          if cfg.int8_reduce_range is not None else ex.default_reduce_range())
-    opt_ok = built.get("opt", {}).get("status") == "ok"
-    base = out_dir / (spec.built_from if opt_ok else variants.by_key("onnx", "fp32").file)
-    facts = ex.quantize_int8(base, out_dir / spec.file, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
+    facts = ex.quantize_int8(base, dst, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
     return dict(facts, reduce_range_reason=why, from_file=base.name)
+
+
+def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    opt_ok = built.get("opt", {}).get("status") == "ok"
+    return _int8(cfg, out_dir / (spec.built_from if opt_ok else variants.by_key("onnx", "fp32").file), out_dir / spec.file)
+
+
+def build_int8_unfused(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    int8 = built.get("int8", {})
+    if int8.get("status") == "ok" and int8.get("from_file") == spec.built_from:
+        raise ex.VariantUnavailable("int8 is already the unfused graph's INT8 (the fused graph was not built)")
+    return _int8(cfg, out_dir / spec.built_from, out_dir / spec.file)
 
 
 def build_int4(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:

@@ -82,6 +82,11 @@ for _spec in (
     VariantSpec("ort-int8", "int8", "onnxruntime", "int8", "onnx", "model.int8.onnx", ("cpu",), _ORT,
                 "model.opt.onnx", _BUILD + "build_int8", deployable=True,
                 batch_dependent=True),
+    # the same dynamic INT8 of the unfused graph (MatMulInteger; attention stays float): the fused one
+    # is faster on single requests, this one can be faster on batches (compare measures both)
+    VariantSpec("ort-int8-unfused", "int8-unfused", "onnxruntime", "int8", "onnx", "model.int8-unfused.onnx",
+                ("cpu",), _ORT, "model.onnx", _BUILD + "build_int8_unfused", deployable=True,
+                batch_dependent=True),
     VariantSpec("ort-int4", "int4", "onnxruntime", "int4", "onnx", "model.int4.onnx", ("cpu", "cuda"), _ORT,
                 "model.onnx", _BUILD + "build_int4", deployable=True, batch_dependent=True),  # int8 compute
     VariantSpec("ort-fp16", "fp16", "onnxruntime", "fp16", "onnx", "model.fp16.onnx", ("cpu", "cuda"), _ORT,

@@ -13,7 +13,8 @@ from bertopt import artifacts
 from bertopt import export as ex
 from bertopt.errors import ConfigError, MissingArtifact, ModelError, PipelineError
 
-VARIANT_FILES = {"model.onnx", "model.opt.onnx", "model.int8.onnx", "model.int4.onnx", "model.fp16.onnx",
+VARIANT_FILES = {"model.onnx", "model.opt.onnx", "model.int8.onnx", "model.int8-unfused.onnx", "model.int4.onnx",
+                 "model.fp16.onnx",
                  "model.qdq.onnx"}
 
 
@@ -191,7 +192,7 @@ def test_stage_builds_every_variant_with_manifest(stage_out):
     assert manifest["stage"] == "onnx" and manifest["status"] == "ok"
     m = manifest["metrics"]
     assert m["source"] == "baseline" and m["label_names"] == ["negative", "positive"]
-    assert set(m["variants"]) == {"fp32", "opt", "int8", "int4", "fp16", "qdq", "ov-fp32", "ov-int8"}
+    assert set(m["variants"]) == {"fp32", "opt", "int8", "int8-unfused", "int4", "fp16", "qdq", "ov-fp32", "ov-int8"}
     for name, v in m["variants"].items():
         if v["backend"] == "openvino":  # optional extra: covered by tests/test_openvino.py
             continue
@@ -206,6 +207,10 @@ def test_stage_builds_every_variant_with_manifest(stage_out):
         assert m["variants"][name]["parity"]["argmax_agreement"] == 1.0
     assert m["variants"]["opt"]["fused_operators"]["Attention"] == 2
     assert m["variants"]["int8"]["precision"] == "int8" and m["variants"]["int4"]["precision"] == "int4"
+    fused, unfused = m["variants"]["int8"], m["variants"]["int8-unfused"]  # one quantizer, two graphs
+    assert (fused["from_file"], unfused["from_file"]) == ("model.opt.onnx", "model.onnx")
+    assert "QAttention" in fused["quantized_operators"] and "QAttention" not in unfused["quantized_operators"]
+    assert unfused["quantized_operators"].keys() & {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert m["reference"]["accuracy"] == pytest.approx(m["variants"]["fp32"]["accuracy"])
     trt = json.loads((stage_out / "tensorrt" / "baseline" / "manifest.json").read_text())
     assert trt["stage"] == "tensorrt" and trt["status"] == "skipped" and "CUDA" in trt["reason"]
@@ -215,6 +220,16 @@ def test_stage_builds_every_variant_with_manifest(stage_out):
     forced = run(onnx_config(stage_out, force=True))
     assert forced.status == "ok"
     assert json.loads((d / "manifest.json").read_text())["created"] >= manifest["created"]
+
+
+def test_unfused_int8_is_skipped_when_int8_already_is_the_unfused_graphs(stage_out):
+    from bertopt.onnx_stage import run
+
+    assert run(onnx_config(stage_out, variants="int8,int8-unfused")).status == "ok"  # no opt: nothing fused
+    v = json.loads((stage_out / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]
+    assert v["int8"]["status"] == "ok" and v["int8"]["from_file"] == "model.onnx"
+    assert v["int8-unfused"]["status"] == "skipped" and "already the unfused graph" in v["int8-unfused"]["reason"]
+    assert not (stage_out / "onnx" / "baseline" / "model.int8-unfused.onnx").exists()
 
 
 def test_stage_reruns_when_the_source_changes(stage_out):
