@@ -10,6 +10,7 @@ A batch is what :func:`bertopt.data.pad_batch` returns: a dict of int64 numpy ar
 """
 from __future__ import annotations
 
+import threading
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -119,6 +120,26 @@ def fallback_problem(requested, active, note: str | None = None) -> str | None:
     return f"onnxruntime could not start {', '.join(lost)} and fell back to {', '.join(active) or 'nothing'} ({note})"
 
 
+_SHARED_ARENA: dict = {"lock": threading.Lock(), "ready": None}
+
+
+def shared_cpu_arena(ort) -> bool:
+    """Register one CPU arena with ONNX Runtime's environment, once per process; True when CPU
+    sessions can use it (``session.use_env_allocators``). Each session otherwise keeps its own
+    arena at the peak of its largest run: compare holds every variant open and runs one at a time,
+    so after a 64 x 256 sweep cell 16 MiniLM sessions held ~10 GB; with the shared arena they hold
+    one peak between them (4 sessions measured: 1.3 GB against 4.0 GB, no slower)."""
+    with _SHARED_ARENA["lock"]:
+        if _SHARED_ARENA["ready"] is None:
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, None)
+                _SHARED_ARENA["ready"] = True
+            except Exception:  # a build without the call: every session keeps its own arena
+                _SHARED_ARENA["ready"] = False
+        return _SHARED_ARENA["ready"]
+
+
 class OrtPredictor:
     """An ONNX Runtime session over one .onnx file.
 
@@ -159,6 +180,8 @@ class OrtPredictor:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3  # errors only; session problems surface as exceptions
         wants_gpu = any(_provider_name(p) in GPU_PROVIDERS for p in providers)
+        if not wants_gpu and shared_cpu_arena(ort):
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         preload_note = preload_gpu_libraries(ort) if wants_gpu else None
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)

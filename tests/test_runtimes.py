@@ -89,3 +89,38 @@ def test_load_predictor_variants(onnx_dir, tiny_model_dir, batch):
         load_predictor(onnx_dir, "fp32", device="tpu")
     with pytest.raises(ModelError, match="not a model directory"):
         load_predictor(onnx_dir / "missing", "torch")
+
+
+_ARENA_PROBE = """
+import sys, numpy as np, psutil
+from bertopt import runtimes
+if sys.argv[2] == "own":
+    runtimes._SHARED_ARENA["ready"] = False  # the control: every session keeps its own arena
+preds = [runtimes.OrtPredictor(sys.argv[1], intra_op_threads=1) for _ in range(3)]
+batch = {k: np.ones((256, 128), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+rss = lambda: psutil.Process().memory_info().rss
+before = rss()
+growth = []
+for p in preds:
+    p.predict_logits(batch)
+    growth.append(rss() - before)
+print(growth[0], growth[-1])
+"""
+
+
+def test_cpu_sessions_share_one_arena_so_open_variants_hold_one_peak(onnx_dir):
+    """compare holds every variant open: three sessions after the same big batch hold about one
+    session's working set, not three (the control switches the shared arena off)."""
+    import subprocess
+    import sys
+
+    def growth(mode):
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(onnx_dir / "model.onnx"), mode],
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+        first, total = map(int, out.split())
+        return first, total
+
+    first, total = growth("shared")
+    own_first, own_total = growth("own")
+    assert own_total > 2.5 * own_first  # the probe sees per-session arenas ...
+    assert total < 1.5 * first          # ... and the shared one holds a single peak
