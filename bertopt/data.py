@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import hub as _hub
 from . import tasks
 from .config import DEFAULT_DATA_DIR
 from .errors import DataError, first_line
@@ -86,13 +87,15 @@ def _check_given_dirs(data_dir: str) -> None:
 
 def _load_hub(name: str) -> tuple[dict, str]:
     repo, subset, train_split, eval_split, text_col = HUB[name]
+    offline = None
     try:
         import datasets
 
         datasets.disable_progress_bars()
+        offline = _hub.prepare()
         ds = datasets.load_dataset(repo, subset) if subset else datasets.load_dataset(repo)
     except Exception as exc:  # offline, hub errors, missing package
-        first = first_line(exc)
+        first = offline or first_line(exc)
         env = os.environ.get("BERTOPT_DATA_DIR")
         raise DataError(
             f"data set {name!r} not found locally and the hub is unreachable ({first}). "

