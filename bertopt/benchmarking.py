@@ -276,31 +276,59 @@ def efficiency(flops: float, seconds: float, peak_flops: float | None) -> dict:
 def matmul_peak(threads: int | None = None, sizes: Sequence[int] = (1024, 2048), repeats: int = 5,
                 device: str = "cpu", dtype: str = "float32") -> dict:
     """This machine's measured dense matmul rate: the best of ``repeats`` timed square matmuls at
-    each size (torch's BLAS, same thread count as the benchmarks). Returned in GFLOP/s."""
+    each size (torch's BLAS / oneDNN, same thread count as the benchmarks). Returned in GFLOP/s
+    (GOP/s for int8: ``torch._int_mm``, int8 x int8 -> int32, the kernel class INT8 models run)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    tdtype = getattr(torch, dtype)
     runs = []
     for n in sizes:
-        a = torch.randn(n, n, dtype=tdtype, device=device)
-        b = torch.randn(n, n, dtype=tdtype, device=device)
-        a @ b  # warm-up (allocations, BLAS thread pool)
+        op = _square_matmul(torch, n, dtype, device)
+        op()  # warm-up (allocations, BLAS thread pool, oneDNN kernel choice)
         best = math.inf
         for _ in range(repeats):
             if device != "cpu":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            a @ b
+            op()
             if device != "cpu":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
         runs.append({"n": n, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9})
     peak = max(r["gflops"] for r in runs)
+    call = "torch._int_mm" if dtype == "int8" else "torch.matmul"
     return {"gflops": peak, "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-            "method": f"best of {repeats} torch.matmul calls of n x n {dtype} at n in {list(sizes)}",
+            "method": f"best of {repeats} {call} calls of n x n {dtype} at n in {list(sizes)}",
             "runs": runs}
+
+
+def _square_matmul(torch, n: int, dtype: str, device: str):
+    if dtype == "int8":
+        a = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+        return lambda: torch._int_mm(a, b)
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    return lambda: a @ b
+
+
+CPU_PEAK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "int8": "int8"}   # fp32 is matmul_peak's default
+
+
+def cpu_matmul_peaks(ctypes: Iterable[str], threads: int | None = None, sizes: Sequence[int] = (1024, 2048),
+                     repeats: int = 5) -> dict:
+    """The CPU's matmul peak for each non-fp32 compute type in ``ctypes`` (bf16, fp16, int8), so a
+    bf16 or INT8 row is measured against what the CPU does in its own type: with AMX an int8
+    matmul runs ~9x the fp32 rate, and dividing by the fp32 peak put such rows far above 100%.
+    A type the CPU or torch cannot run gets ``gflops: None`` and the error (no fraction then)."""
+    peaks = {}
+    for ctype in sorted(set(ctypes) & set(CPU_PEAK_DTYPES)):
+        try:
+            peaks[ctype] = matmul_peak(threads, sizes=sizes, repeats=repeats, dtype=CPU_PEAK_DTYPES[ctype])
+        except Exception as exc:  # e.g. an int8 matmul this torch build has no CPU kernel for
+            peaks[ctype] = {"gflops": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    return peaks
 
 
 # ----------------------------------------------------------------------------- memory

@@ -81,10 +81,16 @@ def _gpu_peak_one(ctype: str, device: str, sizes: Sequence[int], repeats: int) -
             "method": f"best of {repeats} synchronised calls, n x n at n in {list(sizes)}"}
 
 
+def compute_type(precision: str) -> str:
+    """The matmul type a row of ``precision`` runs (int4 weight-only rows compute in int8)."""
+    return COMPUTE_TYPES.get(str(precision).lower(), "fp32")
+
+
 def peak_for(precision: str, peaks: Optional[Mapping], tf32: bool = False) -> tuple[Optional[float], Optional[str]]:
-    """(peak FLOP/s, compute type) a GPU row of ``precision`` is measured against; fp32 rows that
-    run with TF32 enabled are measured against the TF32 peak."""
-    ctype = COMPUTE_TYPES.get(str(precision).lower(), "fp32")
+    """(peak FLOP/s, compute type) a row of ``precision`` is measured against, from ``peaks``
+    (compute type -> measured entry; GPU rows: gpu_matmul_peaks, CPU rows: the CPU's per-type
+    peaks); fp32 rows that run with TF32 enabled are measured against the TF32 peak."""
+    ctype = compute_type(precision)
     if ctype == "fp32" and tf32:
         ctype = "tf32"
     entry = (peaks or {}).get(ctype) or {}

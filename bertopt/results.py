@@ -9,7 +9,9 @@ protocol's adaptive-repeat facts, ``variants[].registry`` (the bertopt.variants 
 ``variants[].task_metrics`` (per-class metrics and the confusion matrix, or the multi-label /
 regression figures); from 3 on every ``accuracy`` / ``accuracy_delta`` / ``baseline_accuracy`` figure
 holds ``task.metric`` (accuracy for a plain classifier, as before). Versions 1 and 2 still load (the
-new keys are optional to readers: :func:`metric_name` says "accuracy" for them).
+new keys are optional to readers: :func:`metric_name` says "accuracy" for them). Optional keys
+added within 3: ``hardware.cpu_matmul_peaks`` (the CPU's matmul peak per non-fp32 compute type,
+which that type's rows' ``fraction_of_peak`` divides by).
 """
 from __future__ import annotations
 

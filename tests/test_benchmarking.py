@@ -162,6 +162,22 @@ def test_matmul_peak_structure():
     assert peak["threads"] == 1 and peak["dtype"] == "float32"
 
 
+def test_cpu_matmul_peaks_per_compute_type(monkeypatch):
+    peaks = bm.cpu_matmul_peaks({"fp32", "bf16", "int8"}, threads=1, sizes=(32, 64), repeats=2)
+    assert set(peaks) == {"bf16", "int8"}   # fp32 is matmul_peak's own figure, measured before and after
+    assert peaks["int8"]["dtype"] == "int8" and "torch._int_mm" in peaks["int8"]["method"]
+    assert all(e["gflops"] == max(r["gflops"] for r in e["runs"]) > 0 for e in peaks.values())
+
+    import torch
+
+    def no_int8(*a, **k):
+        raise RuntimeError("no int8 kernel on this CPU\nsecond line")
+
+    monkeypatch.setattr(torch, "_int_mm", no_int8)
+    failed = bm.cpu_matmul_peaks({"int8"}, threads=1, sizes=(32,), repeats=1)["int8"]
+    assert failed == {"gflops": None, "error": "RuntimeError: no int8 kernel on this CPU"}
+
+
 def test_synthetic_batch_shapes():
     b = bm.synthetic_batch(3, 7, vocab_size=500, with_token_type_ids=False)
     assert set(b) == {"input_ids", "attention_mask"}

@@ -267,6 +267,11 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     assert res["protocol"]["sweep_seqs_used"] == [16, 128]  # 256 clamped to the tiny model's 128 positions
     assert res["hardware"]["matmul_peak"]["gflops"] > 0
     by = {r["name"]: r for r in res["variants"]}
+    fp32_peak, int8_peak = res["hardware"]["matmul_peak"]["gflops"], res["hardware"]["cpu_matmul_peaks"]["int8"]["gflops"]
+    assert set(res["hardware"]["cpu_matmul_peaks"]) == {"int8"} and int8_peak > 0
+    for name, peak in (("ort-int8", int8_peak), ("ort-fp32", fp32_peak)):   # each row against its own type's peak
+        for c in by[name]["sweep"]:
+            assert c["fraction_of_peak"] == pytest.approx(c["gflops"] / peak)
     measured = {"torch-fp32-padded", "torch-fp32", "ort-fp32", "ort-int8"}
     assert {n for n, r in by.items() if r["status"] == "ok"} == measured
     for name in measured:
@@ -424,3 +429,18 @@ def test_an_early_stopped_phase_says_why_its_progress_ended_short():
     assert lines == ["end to end: stopped after 3 of 5 rounds, every spread within the tolerance",
                      "end to end: not timed again, slower in every pass than the leader: "
                      "ort-qdq (after round 2), ort-int4 (after round 3)"]
+
+
+def test_a_cpu_row_is_measured_against_the_peak_of_its_own_compute_type():
+    from types import SimpleNamespace
+
+    from bertopt.compare.measure import Peak
+
+    peak = Peak({"gflops": 400.0}, None, cpu_types={"int8": {"gflops": 3600.0}, "bf16": {"gflops": None}})
+    row = lambda precision: SimpleNamespace(device="cpu", precision=precision)  # noqa: E731
+    assert peak.flops_for(row("fp32")) == 400e9
+    assert peak.flops_for(row("fp32"), cpu_gflops=420.0) == 420e9
+    assert peak.flops_for(row("int8")) == 3600e9
+    assert peak.flops_for(row("int4")) == 3600e9     # weight-only int4: the CPU kernel computes in int8
+    assert peak.flops_for(row("bf16")) is None        # not measured: no fraction rather than one against fp32
+    assert peak.flops_for(row("fp16")) is None

@@ -72,7 +72,8 @@ def sample_results(with_pruning=True) -> dict:
                      "sweep_batches_used": [1, 8, 32], "sweep_seqs_used": [32, 128], "e2e_seq_for_batch_choice": 32,
                      "reference": {"name": "torch-fp32-padded", "pad_to": 128, "batch_size": 16}, "wall_s": 600},
         "data": {"source": "sst2", "eval_rows": 872, "mean_tokens": 25.2, "max_length": 128},
-        "hardware": {"matmul_peak": {"gflops": 100.0, "before": 99.0, "after": 100.0, "method": "best of 5"}},
+        "hardware": {"matmul_peak": {"gflops": 100.0, "before": 99.0, "after": 100.0, "method": "best of 5"},
+                     "cpu_matmul_peaks": {"int8": {"gflops": 900.0}, "bf16": {"gflops": None, "error": "x"}}},
         "baseline_accuracy": 0.91,
         "variants": rows,
         "recommendation": {"variant": "ort-int8", "backend": "onnxruntime", "precision": "int8", "source": "baseline",
@@ -129,6 +130,7 @@ def test_report_renders_every_section_from_results_json(tmp_path):
     assert "exceeds the budget &lt;&amp;&gt;" in html
     assert "CPU has no native bf16 math" in html
     assert "Normalisation:" in html and "missed" in html and "not measured" in html
+    assert re.search(r"CPU matmul peak per compute type</dt><dd>bf16 not measured, int8 900\.0\s+GFLOP/s", html)
     # self-contained: no scripts, no external resources
     assert "<script" not in html
     assert not re.search(r'(src|href)="(https?:)?//', html)

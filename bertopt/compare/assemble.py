@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import artifacts
 from .. import benchmarking as bm
+from .. import gpu_measure as gm
 from .. import results as results_mod
 from .config import BASELINE_ROW, EFFICIENCY_CELL, PADDED_BATCH, PADDED_LENGTH, REFERENCE, usable_cores
 from .recommend import recommend, recommendation_entry
@@ -62,10 +63,10 @@ def busy_warnings(others_share: Optional[float], cores: int) -> list[str]:
 
 
 def _rescale_cpu_efficiency(o: Opened, peak: Peak, sweep: Sweep) -> None:
-    """CPU efficiencies against the higher of the two peak measurements."""
+    """FP32 CPU efficiencies against the higher of the two FP32 peak measurements."""
     if peak.after and peak.after["gflops"] > peak.before["gflops"]:
         for v in o.live:
-            if v.device == "cpu" and v.name in sweep.cells:
+            if v.device == "cpu" and v.name in sweep.cells and gm.compute_type(v.precision) == "fp32":
                 for c in sweep.cells[v.name]:
                     c["fraction_of_peak"] = c["gflops"] / peak.cpu_gflops
 
@@ -216,7 +217,7 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
                  "real_tokens": int(sum(s.lengths)), "settings": s.dcfg},
         "hardware": {"matmul_peak": {**peak.before, "gflops": peak.cpu_gflops, "before": peak.before["gflops"],
                                      "after": peak.after["gflops"]},
-                     "gpu_matmul_peaks": peak.gpu},
+                     "cpu_matmul_peaks": peak.cpu_types, "gpu_matmul_peaks": peak.gpu},
         "task": _task_entry(s), "baseline_accuracy": baseline_acc, "variants": rows,
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
         "recommendation_message": message, "warnings": warnings, "eligibility": verdicts,

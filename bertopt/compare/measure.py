@@ -101,12 +101,15 @@ class Opened:
 
 @dataclass
 class Peak:
-    """Phase 'matmul_peak': this machine's FP32 matmul peak on the CPU, and on the GPU (where a row runs
-    there) the peak per compute type, so each GPU row is divided by the peak of its own precision."""
+    """Phase 'matmul_peak': this machine's FP32 matmul peak on the CPU (before and after the
+    measurement), the CPU's peak for each other compute type its rows run (bf16, int8, ...), and on
+    the GPU (where a row runs there) the peak per compute type: each row is divided by the peak of
+    its own compute type."""
 
     before: dict
     gpu: Optional[dict]
     after: Optional[dict] = None
+    cpu_types: dict = field(default_factory=dict)
 
     @property
     def cpu_gflops(self) -> float:
@@ -115,6 +118,8 @@ class Peak:
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
         if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
             return gm.peak_for(v.precision, self.gpu)[0]
+        if gm.compute_type(v.precision) != "fp32":
+            return gm.peak_for(v.precision, self.cpu_types)[0]
         return (cpu_gflops or self.before["gflops"]) * 1e9
 
 
@@ -168,8 +173,12 @@ def measure(cfg: CompareConfig) -> dict:
     o = open_predictors(s)
     phases.done("open_predictors")
     peak = Peak(bm.matmul_peak(s.threads, sizes=s.proto["matmul_sizes"]),
-                gm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None)
-    log.info("FP32 matmul peak: %.1f GFLOP/s (%d threads)", peak.before["gflops"], s.threads)
+                gm.gpu_matmul_peaks() if any(v.device == "cuda" for v in o.live) else None,
+                cpu_types=bm.cpu_matmul_peaks({gm.compute_type(v.precision) for v in o.live if v.device == "cpu"},
+                                              s.threads, sizes=s.proto["matmul_sizes"]))
+    log.info("CPU matmul peak, %d threads: %s", s.threads, ", ".join(
+        f"{t} {e['gflops']:.1f}" if e.get("gflops") else f"{t} not measured ({e.get('error')})"
+        for t, e in {"fp32": peak.before, **peak.cpu_types}.items()) + " GFLOP/s")
     phases.done("matmul_peak")
     sweep = run_sweep(s, o, peak, phases)
     e2e = run_end_to_end(s, o, sweep, phases)

@@ -62,6 +62,14 @@ def _fmt(v, spec=".1f", none="-"):
     return format(v, spec)
 
 
+def _peaks_label(hardware: dict, fp32: dict) -> str:
+    """'fp32 428.0, bf16 2714.3, int8 3812.9 GFLOP/s' (the CPU's per-type peaks after FP32)."""
+    others = hardware.get("cpu_matmul_peaks") or {}
+    parts = [f"fp32 {_fmt(fp32.get('gflops'), '.1f')}"] + [f"{t} {_fmt(e.get('gflops'), '.1f')}"
+                                                          for t, e in sorted(others.items())]
+    return ", ".join(parts) + " GFLOP/s" + (" (each row against its own compute type)" if others else "")
+
+
 def summary_table(results: dict) -> str:
     """The headline table (markdown, readable as plain text in a terminal)."""
     head = ["variant", "backend", "precision", "device", f"{metric_name(results)} % (Δ pts)", "e2e samples/s (min–max)", "× padded",
@@ -128,7 +136,7 @@ def write_summary(results: dict, path: Path) -> str:
     peak = results.get("hardware", {}).get("matmul_peak", {})
     parts += ["", f"Machine: {env.get('cpu')} ({env.get('cpu_count')} logical CPUs, {proto.get('threads')} threads used), "
               f"GPU {env.get('gpu') or 'none'}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}; "
-              f"measured FP32 matmul peak {_fmt(peak.get('gflops'), '.1f')} GFLOP/s.",
+              f"measured matmul peak {_peaks_label(results.get('hardware', {}), peak)}.",
               f"Protocol: {_protocol_label(proto)}{proto.get('warmup')} warm-up round(s), "
               f"{_repeats_label(proto)} interleaved round-robin, medians with min–max; "
               f"{results.get('data', {}).get('eval_rows')} eval texts; {proto.get('latency_requests')} single requests "
