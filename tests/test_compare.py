@@ -292,7 +292,13 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
         assert r["threads"] == res["protocol"]["threads"]
         if name != "torch-fp32-padded":
             assert {(c["batch"], c["seq"]) for c in r["sweep"]} == {(1, 16), (8, 16), (1, 128), (8, 128)}
+            first = r["first_use"]   # the untimed-for-the-table first pass and first requests, kept
+            assert first["e2e_pass_s"] > 0 and first["e2e_vs_warm"] == pytest.approx(
+                first["e2e_pass_s"] / r["throughput"]["seconds"]["median"])
+            assert first["request_ms"]["n"] == 9 and "note" in first
             assert r["throughput"]["batch_size"] in (1, 8)
+        else:
+            assert r["first_use"] is None   # fixed shapes: nothing is seen for the first time
     assert by["torch-fp32-padded"]["throughput"]["batch_size"] == 16
     assert by["torch-fp32-padded"]["speedup_vs_padded"] == pytest.approx(1.0)
     assert by["torch-fp32"]["accuracy_delta"] == 0.0
@@ -308,6 +314,9 @@ def test_quick_end_to_end(tiny_pipeline, tmp_path):
     with open(reports / "results.csv", newline="") as fh:
         csv_rows = list(csv.DictReader(fh))
     assert [r["name"] for r in csv_rows] == [r["name"] for r in res["variants"]]
+    first_csv = {r["name"]: r["first_pass_vs_warm"] for r in csv_rows}
+    assert float(first_csv["ort-int8"]) == pytest.approx(by["ort-int8"]["first_use"]["e2e_vs_warm"])
+    assert first_csv["torch-fp32-padded"] == ""
     summary = (reports / "summary.md").read_text()
     assert "| variant | backend |" in summary and f"**{rec['variant']}** ★" in summary
     assert "trt (skipped)" in summary
@@ -444,3 +453,53 @@ def test_a_cpu_row_is_measured_against_the_peak_of_its_own_compute_type():
     assert peak.flops_for(row("int4")) == 3600e9     # weight-only int4: the CPU kernel computes in int8
     assert peak.flops_for(row("bf16")) is None        # not measured: no fraction rather than one against fp32
     assert peak.flops_for(row("fp16")) is None
+
+
+class _ShapeLog:
+    """A predictor that records every input shape it is given."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def predict_logits(self, batch):
+        self.shapes.append(batch["input_ids"].shape)
+        return np.zeros((batch["input_ids"].shape[0], 2), dtype=np.float32)
+
+
+def test_the_first_pass_meets_every_shape_the_timed_passes_will(packaged_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from bertopt.compare.measure import _first_passes
+    from bertopt.compare.workloads import classify_texts
+
+    texts = [" ".join(["word"] * n) for n in (3, 9, 3, 17, 30, 5, 12, 9, 40, 2)]
+    s = SimpleNamespace(texts=texts, tokenizer=AutoTokenizer.from_pretrained(packaged_model_dir), max_length=64,
+                        with_tt=True, text_kwargs={}, pairs=None, proto={"warmup": 2},
+                        pad_to=lambda v: 128 if v.batching == "padded" else None)
+    dyn, padded = SimpleNamespace(name="dyn", batching="dynamic"), SimpleNamespace(name="ref", batching="padded")
+    o = SimpleNamespace(live=[dyn, padded], preds={"dyn": _ShapeLog(), "ref": _ShapeLog()})
+    first = _first_passes(s, o, {"dyn": (4, "test"), "ref": (4, "test")})
+    assert set(first) == {"dyn"} and first["dyn"] > 0   # the padded reference has nothing to meet first
+    warmed = set(o.preds["dyn"].shapes)
+    timed = _ShapeLog()
+    classify_texts(timed, s.tokenizer, texts, batch_size=4, max_length=64, with_tt=True)
+    assert set(timed.shapes) <= warmed and len(set(timed.shapes)) == 3   # 3 length-sorted batches of 4, 4, 2
+    assert set(o.preds["ref"].shapes) == {(4, 128), (2, 128)}            # a slice, twice (--warmup 2)
+
+
+def test_a_slow_first_use_is_called_out_once_in_a_sentence():
+    from types import SimpleNamespace
+
+    from bertopt.compare.assemble import first_use, first_use_note
+
+    lat = SimpleNamespace(first=[0.030] * 10, e2e=[0.002] * 10)
+    f = first_use(1.5, [0.5, 0.5, 0.6], lat)
+    assert f["e2e_vs_warm"] == pytest.approx(3.0) and f["request_p99_vs_warm"] == pytest.approx(15.0)
+    note = first_use_note({"name": "ov-int8", "first_use": f})
+    assert note.startswith("ov-int8: a fresh process's first pass over the eval set took 1.50 s, 3.0x a warm pass, "
+                           "and the first sight of each request had p99 30.0 ms")
+    warm = first_use(0.55, [0.5, 0.5, 0.6], SimpleNamespace(first=[0.002] * 10, e2e=[0.002] * 10))
+    assert first_use_note({"name": "ort-int8", "first_use": warm}) is None
+    assert first_use(None, [0.5], lat) is None

@@ -49,7 +49,8 @@ def sample_results(with_pruning=True) -> dict:
         _row("torch-fp32-padded", "torch", "fp32", 40, 30.0, 0.91, 90_000_000, 700, 10, batching="padded",
              sweep=None),
         _row("torch-fp32", "torch", "fp32", 120, 12.0, 0.91, 90_000_000, 690, 30),
-        _row("ort-opt", "onnxruntime", "fp32", 400, 4.0, 0.91, 89_000_000, 300, 100),
+        _row("ort-opt", "onnxruntime", "fp32", 400, 4.0, 0.91, 89_000_000, 300, 100,
+             first_use={"e2e_pass_s": 6.5, "e2e_vs_warm": 3.0, "note": "ort-opt: a fresh process's first pass <slow>"}),
         _row("ort-int8", "onnxruntime", "int8", 520, 3.0, 0.905, 23_000_000, 200, 130),
         # measured but incomplete: no memory probe, no sweep, no latency (must not break any figure)
         _row("ort-int4", "onnxruntime", "int4", 300, 5.0, 0.86, 15_000_000, None, 70, memory=None, sweep=None,
@@ -130,6 +131,7 @@ def test_report_renders_every_section_from_results_json(tmp_path):
     assert "exceeds the budget &lt;&amp;&gt;" in html
     assert "CPU has no native bf16 math" in html
     assert "Normalisation:" in html and "missed" in html and "not measured" in html
+    assert "<li>ort-opt: a fresh process&#39;s first pass &lt;slow&gt;</li>" in html   # first_use.note, escaped
     assert re.search(r"CPU matmul peak per compute type</dt><dd>bf16 not measured, int8 900\.0\s+GFLOP/s", html)
     # self-contained: no scripts, no external resources
     assert "<script" not in html

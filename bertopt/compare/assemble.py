@@ -16,7 +16,8 @@ from .. import artifacts
 from .. import benchmarking as bm
 from .. import gpu_measure as gm
 from .. import results as results_mod
-from .config import BASELINE_ROW, EFFICIENCY_CELL, PADDED_BATCH, PADDED_LENGTH, REFERENCE, usable_cores
+from .config import (BASELINE_ROW, EFFICIENCY_CELL, FIRST_USE_RATIO, PADDED_BATCH, PADDED_LENGTH, REFERENCE,
+                     usable_cores)
 from .recommend import recommend, recommendation_entry
 from .targets import evaluate_targets
 
@@ -71,6 +72,34 @@ def _rescale_cpu_efficiency(o: Opened, peak: Peak, sweep: Sweep) -> None:
                     c["fraction_of_peak"] = c["gflops"] / peak.cpu_gflops
 
 
+def first_use(first_s: Optional[float], times, lat) -> Optional[dict]:
+    """A fresh process's first pass over the eval set and first sight of each request, against the
+    warm figures of the table (None for the padded reference, whose shapes never change)."""
+    if first_s is None:
+        return None
+    out = {"e2e_pass_s": first_s, "e2e_vs_warm": first_s / float(np.median(times))}
+    if lat.first and lat.e2e:
+        req = bm.percentiles(lat.first, scale=1000)
+        out.update(request_ms=req, request_p99_vs_warm=req["p99"] / bm.percentiles(lat.e2e, scale=1000)["p99"])
+    return out
+
+
+def first_use_note(row: dict) -> Optional[str]:
+    """One sentence when a row's first use is much slower than its warm figures, else None (kept in
+    the row as ``first_use.note``: the report and the recommendation show it)."""
+    f = row.get("first_use") or {}
+    ratio = max(f.get("e2e_vs_warm") or 0, f.get("request_p99_vs_warm") or 0)
+    if ratio < FIRST_USE_RATIO:
+        return None
+    req = f.get("request_ms") or {}
+    return (f"{row['name']}: a fresh process's first pass over the eval set took {f['e2e_pass_s']:.2f} s, "
+            f"{f['e2e_vs_warm']:.1f}x a warm pass" + (f", and the first sight of each request had p99 "
+                                                        f"{req['p99']:.1f} ms, {f['request_p99_vs_warm']:.1f}x "
+                                                        "the warm p99" if req else "")
+            + " (a new input shape costs extra on first use; the table is warm): warm it up on the input "
+              "shapes it will serve")
+
+
 def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, lat, single: dict,
               memory: dict) -> dict:
     """The measured part of one row."""
@@ -93,6 +122,9 @@ def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, l
     row["latency"] = {"e2e_ms": bm.percentiles(lat.e2e, scale=1000), "model_ms": bm.percentiles(lat.model, scale=1000),
                       "round_p50_ms": bm.spread(lat.round_p50, 1000, keep_values=False), "requests": len(lat.e2e),
                       "padded_to": PADDED_LENGTH if padded else None}
+    row["first_use"] = first_use(e2e.first_pass_s.get(v.name), t, lat)
+    if row["first_use"]:
+        row["first_use"]["note"] = first_use_note({"name": v.name, **row})
     row["sweep"] = sweep.cells.get(v.name)
     if padded:
         row["sweep_note"] = f"model-only sweep is the same model as {BASELINE_ROW}"
@@ -204,6 +236,10 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
     baseline_acc = _baseline_accuracy(s, {r["name"]: r for r in rows})
     chosen, message, verdicts = recommend(rows, baseline_acc, optimize_for=cfg.optimize_for, target=cfg.target,
                                           accuracy_budget=cfg.accuracy_budget)
+    note = (chosen.get("first_use") or {}).get("note") if chosen else None
+    if note:
+        message = f"{message}. Note: {note}"
+        log.warning("%s", note)
     warnings = busy_warnings(env["other_processes_cpu_share"], usable_cores())
     for w in warnings:
         log.warning("%s", w)

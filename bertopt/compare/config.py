@@ -15,6 +15,7 @@ BASELINE_ROW = "torch-fp32"       # the FP32 baseline accuracy deltas are measur
 PADDED_LENGTH, PADDED_BATCH = 128, 16
 SOURCE_PREFIX = {"baseline": "", "mixed_precision": "mp-", "pruned": "pruned-"}
 TIE_TOLERANCE = 0.01  # scores within 1% of the best are run-to-run noise: ties
+FIRST_USE_RATIO = 1.5  # a first pass this many times a warm one is called out (report, recommendation)
 EFFICIENCY_CELL = (32, 128)
 LATENCY_CELL = (1, 128)
 # settle_s: CPU idle time before a timed call when the variant changes (the previous runtime's

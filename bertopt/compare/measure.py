@@ -145,6 +145,7 @@ class EndToEnd:
     mean_len: float
     rounds: int
     dominated: dict = field(default_factory=dict)  # row -> the round after which it was not timed again
+    first_pass_s: dict = field(default_factory=dict)  # row -> seconds of its first (untimed-for-the-table) pass
 
 
 class Phases:
@@ -368,12 +369,7 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
             predictions[v.name] = y
         return go
 
-    warm_texts = s.texts[:min(len(s.texts), 2 * PADDED_BATCH)]
-    for v in o.live:  # warm-up on a slice: a full pass of the padded reference is long
-        for _ in range(max(s.proto["warmup"], 1)):
-            classify_texts(o.preds[v.name], s.tokenizer, warm_texts, batch_size=chosen[v.name][0],
-                           max_length=s.max_length, with_tt=s.with_tt, pad_to=s.pad_to(v),
-                           **dict(s.text_kwargs, pairs=s.pairs[:len(warm_texts)] if s.pairs else None))
+    first = _first_passes(s, o, chosen)
     log.info("end to end: %d texts x %d variants x %d repeats", len(s.texts), len(o.live), s.proto["repeats"])
     bar = progress(total=len(o.live) * s.proto["repeats"], desc="end to end", unit="pass")
     stats: dict = {}
@@ -384,7 +380,32 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
     _log_early_stop("end to end", stats, s.proto["repeats"])
     phases.done("end_to_end", stats)
     return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0,
-                    stats.get("dominated") or {})
+                    stats.get("dominated") or {}, first)
+
+
+def _first_passes(s: Setup, o: Opened, chosen: dict) -> dict:
+    """The warm-up before the timed passes. A dynamically padded row runs the whole eval set once,
+    so no timed pass meets an input shape for the first time (OpenVINO compiles kernels for each
+    new shape, ~10-60 ms apiece); that first pass is timed and returned (``first_use``). The padded
+    reference runs a slice: its shapes never change, and its full pass is long. Further warm-up
+    rounds (``--warmup`` > 1) run the slice."""
+    warm_texts = s.texts[:min(len(s.texts), 2 * PADDED_BATCH)]
+
+    def run(v, texts):
+        classify_texts(o.preds[v.name], s.tokenizer, texts, batch_size=chosen[v.name][0], max_length=s.max_length,
+                       with_tt=s.with_tt, pad_to=s.pad_to(v),
+                       **dict(s.text_kwargs, pairs=s.pairs[:len(texts)] if s.pairs else None))
+
+    first = {}
+    for v in progress(o.live, desc="first pass", unit="variant"):
+        full = v.batching != "padded"
+        if full:
+            t0 = time.perf_counter()
+            run(v, s.texts)
+            first[v.name] = time.perf_counter() - t0
+        for _ in range(max(s.proto["warmup"], 1) - full):
+            run(v, warm_texts)
+    return first
 
 
 def _log_early_stop(phase: str, stats: dict, repeats: int) -> None:
@@ -398,7 +419,9 @@ def _log_early_stop(phase: str, stats: dict, repeats: int) -> None:
 
 
 def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
-    """Batch-1 requests, sequential, interleaved by rounds; returns each row's LatencyTask."""
+    """Batch-1 requests, sequential, interleaved by rounds; returns each row's LatencyTask. Before the
+    rounds each dynamically padded row serves every request once (its first sight of each request's
+    shape, timed and kept as ``first``), so the rounds time warm requests."""
     rng = np.random.default_rng(s.dcfg["seed"])
     n_req = min(s.proto["latency_requests"], len(s.texts))
     req_idx = rng.permutation(len(s.texts))[:n_req]
@@ -411,6 +434,8 @@ def run_latency(s: Setup, o: Opened, phases: Phases) -> dict:
               single_request(p, s.tokenizer, t, max_length=s.max_length, with_tt=s.with_tt, pad_to=pad_to))
         tasks[v.name] = LatencyTask(fn, warm_req, chunks, s.proto["warmup"])
     log.info("latency: %d single requests x %d variants", n_req, len(o.live))
+    for v in progress([v for v in o.live if v.batching != "padded"], desc="first requests", unit="variant"):
+        tasks[v.name].first = [tasks[v.name].fn(t)[0] for t in req_texts]  # every request's first sight, timed
     stats: dict = {}
     bm.run_interleaved(tasks, len(chunks), warmup=s.proto["warmup"], settle_s=s.proto["settle_s"], guard=s.guard,
                        stats=stats)

@@ -96,6 +96,7 @@ class LatencyTask:
     def __init__(self, fn, warm_texts, chunks, warmup: int):
         self.fn, self.warm_texts, self.chunks, self.warmup = fn, warm_texts, chunks, warmup
         self.calls, self.e2e, self.model, self.round_p50 = 0, [], [], []
+        self.first: list = []  # end-to-end seconds of each request the first time it was served (before the rounds)
 
     def __call__(self):
         i = self.calls
