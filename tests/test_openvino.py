@@ -117,6 +117,21 @@ def test_a_recommended_openvino_variant_is_packaged_and_served(with_openvino, bu
     assert pred.backend == "openvino" and pred.predict_logits(batch).shape == (1, 2)
 
 
+@pytest.mark.parametrize("variant, file", [("ov-int8", "model.ov-int8.xml"), ("baseline:ov-fp32", "model.onnx")])
+def test_an_openvino_variant_chosen_with_variant_is_packaged_for_openvino(with_openvino, built, variant, file):
+    from types import SimpleNamespace
+
+    from bertopt.aws import packaging
+
+    cfg = SimpleNamespace(output_dir=str(built), reports_dir=str(built / "reports"), model_path=None, variant=variant,
+                          gpu=False, max_length=64, max_batch=8, max_chars=100, vendor_wheels=None, batch_wait_ms=0.0,
+                          batch_max_texts=64)
+    choice = resolve_model(cfg)   # was: backend onnxruntime, "ort-ov-int8", and the IR read as ONNX (DecodeError)
+    assert (choice.backend, choice.variant, choice.path.name) == ("openvino", variant.split(":")[-1], file)
+    members = dict(packaging.archive_members(choice, cfg))
+    assert json.loads(members["serving.json"])["backend"] == "openvino" and file in members
+
+
 def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_path, hide_openvino):
     from bertopt.errors import BackendUnavailable
     from bertopt.aws.serving import inference

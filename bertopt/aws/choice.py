@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import artifacts
+from .. import variants as registry
 from ..errors import ConfigError, MissingArtifact, ModelError, PipelineError
 
 log = logging.getLogger("bertopt.aws.choice")
@@ -170,8 +171,9 @@ def _from_variant(cfg) -> ModelChoice:
     path = onnx_dir / entry["file"]
     if not path.is_file():
         raise MissingArtifact(path, artifacts.producing_command("onnx"))
-    return ModelChoice(variant=f"ort-{name}", backend="onnxruntime", precision=entry.get("precision", "fp32"),
-                       path=path, model_dir=onnx_dir, label_names=metrics.get("label_names") or _config_labels(onnx_dir),
+    spec = registry.by_key("onnx", name)   # the backend that serves it: ONNX Runtime or OpenVINO
+    return ModelChoice(variant=spec.name if spec else f"ort-{name}", backend=spec.backend if spec else "onnxruntime",
+                       precision=entry.get("precision", "fp32"), path=path, model_dir=onnx_dir, label_names=metrics.get("label_names") or _config_labels(onnx_dir),
                        max_length=_manifest_max_length(manifest, default=cfg.max_length),
                        origin=f"--variant {cfg.variant}", source=source,
                        devices=tuple(entry.get("devices") or ("cpu",)),
@@ -201,9 +203,7 @@ def _from_recommendation(cfg) -> ModelChoice:
         raise PipelineError(f"{what} is a TensorRT engine, which is built for one GPU model and does not run "
                             "in the Hugging Face inference container; deploy an ONNX variant with --variant "
                             "(e.g. --variant fp16 on a GPU instance) or --variant torch")
-    from .. import variants
-
-    spec = variants.REGISTRY.get(rec.get("registry") or "")
+    spec = registry.REGISTRY.get(rec.get("registry") or "")
     if backend not in ("torch",) + FILE_BACKENDS or (spec is not None and not spec.deployable):
         raise PipelineError(f"{what}: backend {backend!r} cannot be served by the endpoint handler")
     model_dir = Path(rec.get("model_dir") or rec.get("path") or "")
