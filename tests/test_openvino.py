@@ -132,6 +132,22 @@ def test_an_openvino_variant_chosen_with_variant_is_packaged_for_openvino(with_o
     assert json.loads(members["serving.json"])["backend"] == "openvino" and file in members
 
 
+def test_an_openvino_ir_given_with_model_path_is_served_by_openvino(with_openvino, built, tmp_path_factory):
+    from types import SimpleNamespace
+
+    from bertopt.errors import ModelError
+
+    d = built / "onnx" / "baseline"
+    cfg = SimpleNamespace(model_path=str(d / "model.ov-int8.xml"), variant=None, gpu=False, max_length=64)
+    choice = resolve_model(cfg)
+    assert (choice.backend, choice.variant, choice.precision) == ("openvino", "ov-int8", "int8")
+    assert resolve_model(SimpleNamespace(**{**vars(cfg), "model_path": str(d / "model.onnx")})).variant == "ort-fp32"
+    lonely = tmp_path_factory.mktemp("ir") / "model.ov-int8.xml"
+    shutil.copy(d / "model.ov-int8.xml", lonely)
+    with pytest.raises(ModelError, match=r"OpenVINO IR without its weights model\.ov-int8\.bin$"):
+        resolve_model(SimpleNamespace(model_path=str(lonely), variant=None, gpu=False, max_length=64))
+
+
 def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_path, hide_openvino):
     from bertopt.errors import BackendUnavailable
     from bertopt.aws.serving import inference

@@ -79,8 +79,18 @@ def _precision_from_name(name: str) -> str:
 
 
 def _variant_from_file(path: Path) -> str:
-    parts = path.name.split(".")  # model.int8.onnx -> int8; model.onnx -> fp32
-    return "ort-" + (parts[1] if len(parts) > 2 else "fp32")
+    """The registry's row name for an ONNX-stage file (model.int8.onnx -> ort-int8, model.ov-int8.xml
+    -> ov-int8); else ort-<middle part> (model.onnx -> ort-fp32)."""
+    backend = _file_backend(path)
+    spec = next((s for s in registry.for_stage("onnx") if s.file == path.name and s.backend == backend), None)
+    if spec is not None:
+        return spec.name
+    parts = path.name.split(".")
+    return ("ov-" if backend == "openvino" else "ort-") + (parts[1] if len(parts) > 2 else "fp32")
+
+
+def _file_backend(path: Path) -> str:
+    return "openvino" if path.suffix == ".xml" else "onnxruntime"   # OpenVINO IR: .xml beside its .bin
 
 
 def _check_model_dir(model_dir: Path, what: str) -> None:
@@ -104,7 +114,9 @@ def _onnx_variant_info(onnx_dir: Path, file_name: str) -> tuple[dict | None, dic
 def _from_path(cfg) -> ModelChoice:
     p = Path(cfg.model_path).expanduser()
     what = f"--model-path {cfg.model_path}"
-    if p.is_file() and p.suffix == ".onnx":
+    if p.is_file() and p.suffix == ".xml" and not p.with_suffix(".bin").is_file():
+        raise ModelError(f"{what}: OpenVINO IR without its weights {p.with_suffix('.bin').name}")
+    if p.is_file() and p.suffix in (".onnx", ".xml"):
         onnx_file, model_dir = p, p.parent
     elif p.is_dir() and any((p / w).is_file() for w in TORCH_WEIGHTS):
         _check_model_dir(p, what)
@@ -119,11 +131,11 @@ def _from_path(cfg) -> ModelChoice:
     elif not p.exists():
         raise ModelError(f"{what}: no such file or directory")
     else:
-        raise ModelError(f"{what}: expected an .onnx file or a save_pretrained model directory")
+        raise ModelError(f"{what}: expected an .onnx file, an OpenVINO .xml or a save_pretrained model directory")
     _check_model_dir(model_dir, what)
     manifest, entry = _onnx_variant_info(model_dir, onnx_file.name)
     metrics = (manifest or {}).get("metrics") or {}
-    return ModelChoice(variant=_variant_from_file(onnx_file), backend="onnxruntime",
+    return ModelChoice(variant=_variant_from_file(onnx_file), backend=_file_backend(onnx_file),
                        precision=(entry or {}).get("precision") or _precision_from_name(onnx_file.name),
                        path=onnx_file, model_dir=model_dir,
                        label_names=metrics.get("label_names") or _config_labels(model_dir),

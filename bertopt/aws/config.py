@@ -110,7 +110,7 @@ class AwsDeployConfig(AwsConfig):
     aws_role_arn: Optional[str] = None
     endpoint_name: str = DEFAULT_ENDPOINT
     variant: Optional[str] = None       # e.g. ort-int8 / int8 / baseline:int8 / torch
-    model_path: Optional[str] = None    # an .onnx file or a model directory (aws_deploy.py --model-path)
+    model_path: Optional[str] = None    # an .onnx file, OpenVINO .xml or model directory (aws_deploy.py --model-path)
     bucket: Optional[str] = None        # default bertopt-<account>-<region>
     s3_prefix: str = "bertopt"
     instance_type: str = "ml.m5.large"
