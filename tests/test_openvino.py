@@ -148,6 +148,26 @@ def test_an_openvino_ir_given_with_model_path_is_served_by_openvino(with_openvin
         resolve_model(SimpleNamespace(model_path=str(lonely), variant=None, gpu=False, max_length=64))
 
 
+def test_an_openvino_server_meets_every_batch1_length_before_its_first_request(with_openvino, built, caplog,
+                                                                               tmp_path_factory):
+    import logging
+
+    from bertopt.aws import local
+    from bertopt.aws.config import AwsDeployConfig
+    from bertopt.runtimes import OpenVinoPredictor
+
+    d = built / "onnx" / "baseline"
+    pred, shapes = OpenVinoPredictor(d / "model.ov-int8.xml", threads=1), []
+    run = pred.predict_logits
+    pred.predict_logits = lambda batch: shapes.append(batch["input_ids"].shape) or run(batch)
+    assert pred.warm_up(6) >= 0 and shapes == [(1, n) for n in range(2, 7)]
+    cfg = AwsDeployConfig(output_dir=str(built), reports_dir=str(built / "reports"), variant="ov-int8", local=True,
+                          quiet=True)
+    with caplog.at_level(logging.INFO):
+        model = local.prepare_local(cfg, tmp_path_factory.mktemp("ov-served"))[3]
+    assert f"warmed up batch-1 inputs of 2..{model.max_length} tokens in " in caplog.text
+
+
 def test_without_openvino_a_recommended_openvino_variant_is_refused_clearly(tmp_path, hide_openvino):
     from bertopt.errors import BackendUnavailable
     from bertopt.aws.serving import inference

@@ -318,6 +318,9 @@ def model_fn(model_dir, context=None):
                                "providers": list(getattr(predictor, "providers", None) or []) or None},
                          task=_task(model_dir, settings), long_text=settings.get("long_text") or "truncate",
                          stride=settings.get("stride"))
+    if hasattr(predictor, "warm_up"):  # OpenVINO: first-use cost per input shape, paid before the first request
+        log.info("warmed up batch-1 inputs of 2..%d tokens in %.1f s", model.max_length,
+                 predictor.warm_up(model.max_length))
     _set_gil_switch(float(settings["gil_switch_ms"]))
     if float(settings["batch_wait_ms"]) >= 0:
         model.batcher = MicroBatcher(lambda texts: _rows(texts, model), settings["batch_max_texts"],
