@@ -497,7 +497,10 @@ def test_a_slow_first_use_is_called_out_once_in_a_sentence():
     lat = SimpleNamespace(first=[0.030] * 10, e2e=[0.002] * 10)
     f = first_use(1.5, [0.5, 0.5, 0.6], lat)
     assert f["e2e_vs_warm"] == pytest.approx(3.0) and f["request_p99_vs_warm"] == pytest.approx(15.0)
-    note = first_use_note({"name": "ov-int8", "first_use": f})
+    note = first_use_note({"name": "ov-int8", "backend": "openvino", "first_use": f})
+    assert note.endswith("warm it up on the input shapes it will serve; the endpoint handler does so for every "
+                         "batch-1 length at load")
+    assert first_use_note({"name": "x", "backend": "onnxruntime", "first_use": f}).endswith("it will serve")
     assert note.startswith("ov-int8: a fresh process's first pass over the eval set took 1.50 s, 3.0x a warm pass, "
                            "and the first sight of each request had p99 30.0 ms")
     warm = first_use(0.55, [0.5, 0.5, 0.6], SimpleNamespace(first=[0.002] * 10, e2e=[0.002] * 10))

@@ -97,7 +97,8 @@ def first_use_note(row: dict) -> Optional[str]:
                                                         f"{req['p99']:.1f} ms, {f['request_p99_vs_warm']:.1f}x "
                                                         "the warm p99" if req else "")
             + " (a new input shape costs extra on first use; the table is warm): warm it up on the input "
-              "shapes it will serve")
+              "shapes it will serve" + ("; the endpoint handler does so for every batch-1 length at load"
+                                        if row.get("backend") == "openvino" else ""))
 
 
 def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, lat, single: dict,
@@ -124,7 +125,7 @@ def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, l
                       "padded_to": PADDED_LENGTH if padded else None}
     row["first_use"] = first_use(e2e.first_pass_s.get(v.name), t, lat)
     if row["first_use"]:
-        row["first_use"]["note"] = first_use_note({"name": v.name, **row})
+        row["first_use"]["note"] = first_use_note({"name": v.name, "backend": v.backend, **row})
     row["sweep"] = sweep.cells.get(v.name)
     if padded:
         row["sweep_note"] = f"model-only sweep is the same model as {BASELINE_ROW}"
