@@ -163,8 +163,13 @@ def test_an_openvino_server_meets_every_batch1_length_before_its_first_request(w
     assert pred.warm_up(6) >= 0 and shapes == [(1, n) for n in range(2, 7)]
     cfg = AwsDeployConfig(output_dir=str(built), reports_dir=str(built / "reports"), variant="ov-int8", local=True,
                           quiet=True)
-    with caplog.at_level(logging.INFO):
-        model = local.prepare_local(cfg, tmp_path_factory.mktemp("ov-served"))[3]
+    served_log = logging.getLogger("bertopt.serving")   # earlier stage runs may stop it propagating to root
+    served_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="bertopt.serving"):
+            model = local.prepare_local(cfg, tmp_path_factory.mktemp("ov-served"))[3]
+    finally:
+        served_log.removeHandler(caplog.handler)
     assert f"warmed up batch-1 inputs of 2..{model.max_length} tokens in " in caplog.text
 
 
