@@ -3,6 +3,7 @@ serves that archive over HTTP (GET /ping, POST /invocations) on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -451,19 +452,71 @@ def test_sweep_stops_at_the_first_failing_rate_and_refines(monkeypatch):
     capacity = 300.0  # a fake server: p99 explodes above 300 requests/s
     offered = []
 
-    def fake_step(url, rate, seconds, clients, texts_per_request):
+    def fake_step(url, rate, seconds, clients, texts_per_request, texts):
+        assert texts == ["x", "y"]
         offered.append(rate)
         over = rate > capacity
         return {"offered_rps": rate, "achieved_rps": capacity if over else rate, "errors": 0,
                 "p99_ms": 900.0 if over else 20.0}
 
     monkeypatch.setattr(loadtest, "open_loop", fake_step)
-    res = loadtest.sweep("http://127.0.0.1:1", start_rate=100, factor=2, refine=2, p99_target_ms=100)
+    res = loadtest.sweep("http://127.0.0.1:1", start_rate=100, factor=2, refine=2, p99_target_ms=100, texts=["x", "y"])
     assert offered == [100, 200, 400, 300.0, 350.0]
     assert res["best"]["offered_rps"] == 300.0 and res["requests_per_s_at_target"] == 300.0
     assert [s["passed"] for s in res["steps"]] == [True, True, False, True, False]
     assert not loadtest.passes({"errors": 1, "p99_ms": 1.0, "achieved_rps": 10, "offered_rps": 10}, 100)
     assert not loadtest.passes({"errors": 0, "p99_ms": 1.0, "achieved_rps": 9, "offered_rps": 10}, 100)
+
+
+def test_loadtest_texts_come_from_a_file_or_a_table_column(tmp_path):
+    from conftest import SST2_DIR
+
+    from bertopt.aws import loadtest
+
+    assert loadtest.load_texts() == loadtest.SENTENCES
+    lines = tmp_path / "texts.txt"
+    lines.write_text("first text\n\n  second text  \n")
+    assert loadtest.load_texts(str(lines)) == ["first text", "second text"]
+    dev = loadtest.load_texts(str(SST2_DIR / "dev.tsv"))   # GLUE's header: sentence, label
+    assert len(dev) == 872 and dev[0].startswith("it 's a charming and often affecting journey")
+    table = tmp_path / "t.csv"
+    table.write_text("id,review\n1,good film\n2,bad film\n")
+    assert loadtest.load_texts(str(table), "review") == ["good film", "bad film"]
+    assert loadtest.load_texts(str(table)) == ["1", "2"]   # no sentence/text column: the first one
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for path, column, message in ((table, "text", r"no column 'text' \(columns: id, review\)"),
+                                  (tmp_path / "gone.txt", None, "no such file"),
+                                  (tmp_path / "gone.tsv", None, "data file not found"),
+                                  (tmp_path / "empty.txt", None, "no texts in it")):
+        with pytest.raises(ValueError, match=f"^--texts {re.escape(str(path))}: {message}"):
+            loadtest.load_texts(str(path), column)
+
+
+def test_open_loop_cycles_through_the_given_texts(monkeypatch):
+    from bertopt.aws import loadtest
+
+    sent = []
+    monkeypatch.setattr(loadtest, "_send", lambda conn, body: sent.append(body) or 200)   # no network at all
+    res = loadtest.open_loop("http://127.0.0.1:1", rate=200, seconds=0.03, clients=1, texts_per_request=2,
+                             texts=["a", "b", "c"])
+    assert res["ok"] == 6 and sent == [["a", "b"], ["c", "a"], ["b", "c"]] * 2
+
+
+def test_the_model_only_ceiling_batches_the_texts_in_arrival_order():
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from bertopt import modeling
+    from bertopt.aws.loadcompare import _feeds
+
+    tok = AutoTokenizer.from_pretrained(modeling.resolve_model(modeling.DEFAULT_MODEL))
+    pred = SimpleNamespace(input_names=("input_ids", "attention_mask"))
+    texts = ["a b", "a b c d e f g", "a", "a b c"]
+    assert [f["input_ids"].shape for f in _feeds(pred, tok, 1, texts)] == [(1, 4), (1, 9), (1, 3), (1, 5)]
+    assert [f["input_ids"].shape for f in _feeds(pred, tok, 2, texts)] == [(2, 9), (2, 5)]   # each padded to its longest
+    assert [f["input_ids"].shape for f in _feeds(pred, tok, 8, texts)] == [(8, 9)]           # cycled up to one batch
+    assert "token_type_ids" not in _feeds(pred, tok, 1, texts)[0]
 
 
 def test_loadtest_cli_rejects_bad_numbers_and_names_a_missing_server(capsys):
@@ -678,9 +731,12 @@ def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, 
 
     monkeypatch.setattr(loadcompare, "sweep", one_step)
     out = tmp_path / "reports" / "loadtest.json"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a fine film\nnot good at all, sadly\nok\n")
     code = loadtest.main(["--compare", "--model-path", str(saved / "onnx" / "baseline" / "model.onnx"), "--clients",
-                          "4", "--seconds", "0.5", "--p99-target-ms", "2000", "--out", str(out)])
+                          "4", "--seconds", "0.5", "--p99-target-ms", "2000", "--out", str(out), "--texts", str(texts)])
     res = json.loads(out.read_text())
+    assert res["protocol"]["texts_from"] == str(texts) and res["protocol"]["sentences"] == 3
     assert code == 0 and res["schema"] == "bertopt.loadtest/2" and set(res["modes"]) == {"per-request", "micro-batching"}
     for mode in res["modes"].values():
         assert mode["steps"][0]["errors"] == 0 and mode["requests_per_s_at_target"] > 0

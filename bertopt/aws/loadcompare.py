@@ -68,17 +68,17 @@ class LocalServer:
 def _measure(model_path: str, mode: str, args, workdir: str, check_rate: float | None = None) -> dict:
     from ..benchmarking import CpuShare
 
-    server = LocalServer(model_path, MODES[mode], os.path.join(workdir, mode))
+    server, texts = LocalServer(model_path, MODES[mode], os.path.join(workdir, mode)), _texts(args)
     try:
-        warm = open_loop(server.url, 100, 2.0, args.clients)  # loads the session, fills the caches
+        warm = open_loop(server.url, 100, 2.0, args.clients, texts=texts)  # loads the session, fills the caches
         print(f"{mode}: warm-up {warm['ok']}/{warm['requests']} ok; sweep (p99 target {args.p99_target_ms} ms)",
               file=sys.stderr, flush=True)
         share, cpu0, gen0 = CpuShare(), server.cpu_seconds(), time.process_time()
         result = sweep(server.url, clients=args.clients, p99_target_ms=args.p99_target_ms,
                        seconds=args.seconds or 4.0, start_rate=args.start_rate,
-                       progress=lambda s: print(_line(s), file=sys.stderr, flush=True))
+                       progress=lambda s: print(_line(s), file=sys.stderr, flush=True), texts=texts)
         if check_rate:
-            step = open_loop(server.url, check_rate, args.seconds or 4.0, args.clients)
+            step = open_loop(server.url, check_rate, args.seconds or 4.0, args.clients, texts=texts)
             step["passed"] = passes(step, args.p99_target_ms)
             print(f"{mode} at 2x the per-request rate:\n{_line(step)}", file=sys.stderr, flush=True)
             result["at_2x_per_request"] = step
@@ -104,7 +104,11 @@ def _cpu_per_request(result: dict, server_cpu: float, generator_cpu: float) -> d
             "bound_rps": round(instances.local_vcpus() * 1000 / (server + generator), 1)}
 
 
-def model_ceiling(model_path: str, batch: int, seconds: float = 1.5) -> dict:
+def _texts(args) -> list:
+    return getattr(args, "text_list", None) or list(SENTENCES)
+
+
+def model_ceiling(model_path: str, batch: int, seconds: float = 1.5, texts=SENTENCES) -> dict:
     """The bare model's texts/s (no HTTP, no JSON) on the load test's sentences, run the way each
     server runs it (:func:`instances.thread_plan`): per request, batch 1 on as many concurrent runs
     as the plan has vCPUs for; micro-batching, batches of ``batch`` on the plan's batch runners. The
@@ -121,27 +125,36 @@ def model_ceiling(model_path: str, batch: int, seconds: float = 1.5) -> dict:
         predictor = runtimes.OrtPredictor(model_path, intra_op_threads=plan.model_threads)
         runs = max(1, vcpus // plan.model_threads)
         out[key] = {"batch": b, "concurrent_runs": runs, "threads_per_run": plan.model_threads,
-                    "texts_per_s": _texts_per_s(predictor, tokenizer, b, runs, seconds)}
+                    "texts_per_s": _texts_per_s(predictor, tokenizer, b, runs, seconds, texts)}
     out["ratio"] = round(out["micro_batching"]["texts_per_s"] / out["per_request"]["texts_per_s"], 2)
     return out
 
 
-def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float) -> float:
-    """``runs`` threads calling one session on the same batch for ``seconds`` (ONNX Runtime
-    releases the GIL and allows concurrent runs of a session)."""
+def _feeds(predictor, tokenizer, batch: int, texts) -> list:
+    """The load test's texts in arrival order, cut into batches of ``batch`` (padded to each batch's
+    longest, as a micro-batch is): at most 512 texts, cycled up to one whole batch."""
     from .. import data
 
-    texts = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
-    feed = data.pad_batch(data.tokenize(texts, tokenizer, 128), tokenizer.pad_token_id or 0,
-                          "token_type_ids" in predictor.input_names)
-    for _ in range(10):
+    pool = [texts[i % len(texts)] for i in range(min(512, max(len(texts), batch)))]
+    tt = "token_type_ids" in predictor.input_names
+    return [data.pad_batch(data.tokenize(pool[i:i + batch], tokenizer, 128), tokenizer.pad_token_id or 0, tt)
+            for i in range(0, len(pool) - batch + 1, batch)]
+
+
+def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, texts=SENTENCES) -> float:
+    """``runs`` threads cycling through the batches of :func:`_feeds` on one session for ``seconds``
+    (ONNX Runtime releases the GIL and allows concurrent runs of a session)."""
+    feeds = _feeds(predictor, tokenizer, batch, texts)
+    for feed in feeds[:10]:
         predictor.predict_logits(feed)
     counts, stop = [0] * runs, time.perf_counter() + seconds
 
     def loop(k: int) -> None:
+        i = k
         while time.perf_counter() < stop:
-            predictor.predict_logits(feed)
+            predictor.predict_logits(feeds[i % len(feeds)])
             counts[k] += 1
+            i += runs
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(runs)]
     start = time.perf_counter()
@@ -157,7 +170,7 @@ def run_compare(args) -> dict:
         raise ValueError("--compare needs --model-path (e.g. saved_models/onnx/baseline/model.int8.onnx)")
     if not Path(args.model_path).exists():
         raise ValueError(f"--model-path {args.model_path}: not found (run `python onnx_tensorrt.py --variants int8`)")
-    ceiling = model_ceiling(args.model_path, 32)
+    ceiling = model_ceiling(args.model_path, 32, texts=_texts(args))
     print(f"model only (no HTTP): {ceiling}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bertopt-loadtest-") as workdir:
         per = _measure(args.model_path, "per-request", args, workdir)
@@ -169,7 +182,8 @@ def run_compare(args) -> dict:
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(args.model_path),
         "machine": {"cpu": platform.processor() or platform.machine(), "vcpus": instances.local_vcpus()},
         "protocol": {"open_loop": True, "clients": args.clients, "p99_target_ms": args.p99_target_ms,
-                     "seconds_per_step": args.seconds or 4.0, "texts_per_request": 1, "sentences": len(SENTENCES),
+                     "seconds_per_step": args.seconds or 4.0, "texts_per_request": 1, "sentences": len(_texts(args)),
+                     "texts_from": getattr(args, "texts", None) or "8 built-in sentences",
                      "pass": "0 errors, >= 95% of the offered rate served, p99 <= target"},
         "modes": modes,
         "model_only": ceiling,

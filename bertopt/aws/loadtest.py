@@ -36,8 +36,40 @@ SENTENCES = [
     "an overlong mess with nothing to say", "the soundtrack is fine but the dialogue is wooden",
     "a moving, quietly funny story about growing up", "tedious from start to finish",
 ]
+MAX_TEXTS = 100_000      # texts read from --texts (the first ones)
 MAX_REQUESTS = 200_000   # bound on one step, whatever rate x seconds asks for
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def load_texts(path=None, column=None) -> list[str]:
+    """The request texts: the built-in sentences, or ``path``: a .txt file (one text per line) or a
+    CSV/TSV/JSONL/Parquet table's ``column`` (default: its ``sentence`` or ``text`` column, else the
+    first). Raises ValueError with one line on a missing file, column or an empty result."""
+    if path is None:
+        return list(SENTENCES)
+    from pathlib import Path
+
+    from ..errors import DataError
+    from ..tables import read_table
+
+    p = Path(path)
+    if p.suffix.lower() in (".txt", ""):
+        if not p.is_file():
+            raise ValueError(f"--texts {path}: no such file")
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    else:
+        try:
+            df = read_table(p)
+        except DataError as exc:
+            raise ValueError(f"--texts {path}: {exc}") from None
+        col = column or next((c for c in ("sentence", "text") if c in df.columns), df.columns[0])
+        if col not in df.columns:
+            raise ValueError(f"--texts {path}: no column {col!r} (columns: {', '.join(map(str, df.columns))})")
+        texts = [str(t).strip() for t in df[col]]
+    texts = [t for t in texts if t][:MAX_TEXTS]
+    if not texts:
+        raise ValueError(f"--texts {path}: no texts in it")
+    return texts
 
 
 def _check_url(url: str, allow_remote: bool = False):
@@ -61,7 +93,7 @@ def _send(conn, texts):
 
 
 def open_loop(url: str, rate: float, seconds: float, clients: int = 16, texts_per_request: int = 1,
-              timeout: float = 10.0, allow_remote: bool = False) -> dict:
+              timeout: float = 10.0, allow_remote: bool = False, texts=SENTENCES) -> dict:
     """One constant-arrival-rate step: ``rate`` requests/s for ``seconds``. Requests still unsent
     ``seconds + 2 * timeout`` after the start are dropped and counted as errors (bounded in time)."""
     parts = _check_url(url, allow_remote)
@@ -82,9 +114,9 @@ def open_loop(url: str, rate: float, seconds: float, clients: int = 16, texts_pe
                 continue
             if due > now:
                 time.sleep(due - now)
-            texts = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(texts_per_request)]
+            body = [texts[(i * texts_per_request + k) % len(texts)] for k in range(texts_per_request)]
             try:
-                status[i] = _send(conn, texts)
+                status[i] = _send(conn, body)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 status[i] = -2
                 if len(errors) < 5:
@@ -119,12 +151,12 @@ def passes(step: dict, p99_target_ms: float) -> bool:
 
 def sweep(url: str, *, clients: int = 16, p99_target_ms: float = 100.0, seconds: float = 4.0,
           start_rate: float = 50.0, factor: float = 1.25, max_rate: float = 5000.0, refine: int = 2,
-          texts_per_request: int = 1, progress=None) -> dict:
+          texts_per_request: int = 1, progress=None, texts=SENTENCES) -> dict:
     """Raise the arrival rate geometrically until a step fails :func:`passes`, then bisect
     ``refine`` times between the last passing and the first failing rate. Returns the steps and the
     best passing step (the requests/s at the p99 target)."""
     steps, rate, best, failed = [], start_rate, None, None
-    run = lambda r: open_loop(url, r, seconds, clients, texts_per_request)  # noqa: E731
+    run = lambda r: open_loop(url, r, seconds, clients, texts_per_request, texts=texts)  # noqa: E731
     while rate <= max_rate:
         step = run(rate)
         step["passed"] = passes(step, p99_target_ms)
@@ -160,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=positive(), default=100.0, help="arrival rate, requests/s (default: 100)")
     p.add_argument("--seconds", type=positive(), default=None, help="seconds per step (default: 10; sweep/compare: 4)")
     p.add_argument("--texts-per-request", type=positive(int), default=1, help="texts in each request (default: 1)")
+    p.add_argument("--texts", metavar="FILE", help="request texts, cycled: a .txt file (one per line) or a "
+                   "CSV/TSV/JSONL/Parquet table, e.g. ../shared/data/sst2/dev.tsv (default: 8 built-in sentences)")
+    p.add_argument("--text-column", metavar="COL", help="--texts table column (default: sentence, text, or the first)")
     p.add_argument("--sweep", action="store_true", help="find the requests/s at --p99-target-ms")
     p.add_argument("--p99-target-ms", type=positive(), default=100.0, help="sweep/compare p99 target (default: 100)")
     p.add_argument("--start-rate", type=positive(), default=50.0, help="first sweep rate (default: 50)")
@@ -175,6 +210,7 @@ def main(argv=None) -> int:
 
         args.out = f"reports/{LOADTEST_FILE}"
     try:
+        args.text_list = load_texts(args.texts, args.text_column)
         if args.compare:
             from .loadcompare import run_compare
 
@@ -183,10 +219,10 @@ def main(argv=None) -> int:
             result = sweep(_check_url(args.url, args.allow_remote).geturl(), clients=args.clients,
                            p99_target_ms=args.p99_target_ms, seconds=args.seconds or 4.0,
                            start_rate=args.start_rate, texts_per_request=args.texts_per_request,
-                           progress=lambda s: print(_line(s), file=sys.stderr, flush=True))
+                           progress=lambda s: print(_line(s), file=sys.stderr, flush=True), texts=args.text_list)
         else:
             result = open_loop(args.url, args.rate, args.seconds or 10.0, args.clients, args.texts_per_request,
-                               allow_remote=args.allow_remote)
+                               allow_remote=args.allow_remote, texts=args.text_list)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
