@@ -514,8 +514,10 @@ def test_the_model_only_ceiling_batches_the_texts_in_arrival_order():
     pred = SimpleNamespace(input_names=("input_ids", "attention_mask"))
     texts = ["a b", "a b c d e f g", "a", "a b c"]
     assert [f["input_ids"].shape for f in _feeds(pred, tok, 1, texts)] == [(1, 4), (1, 9), (1, 3), (1, 5)]
-    assert [f["input_ids"].shape for f in _feeds(pred, tok, 2, texts)] == [(2, 9), (2, 5)]   # each padded to its longest
-    assert [f["input_ids"].shape for f in _feeds(pred, tok, 8, texts)] == [(8, 9)]           # cycled up to one batch
+    # batches of 2 in arrival order, each cut into the handler's similar-length runs
+    assert [f["input_ids"].shape for f in _feeds(pred, tok, 2, texts)] == [(1, 4), (1, 9), (1, 3), (1, 5)]
+    assert sorted(f["input_ids"].shape for f in _feeds(pred, tok, 8, ["a b"] * 3 + ["a b c d e f g"])) == [
+        (2, 9), (6, 4)]   # cycled up to one batch of 8: six 4-token texts, two 9-token ones
     assert "token_type_ids" not in _feeds(pred, tok, 1, texts)[0]
 
 
@@ -638,6 +640,16 @@ def test_batched_serving_matches_per_request_serving(served, model, handler):
     got = [json.loads(a[2])[0] for a in answers]
     assert [g["label"] for g in got] == [e["label"] for e in expected]
     np.testing.assert_allclose([g["score"] for g in got], [e["score"] for e in expected], atol=1e-4)
+
+
+def test_a_batch_of_mixed_lengths_runs_as_similar_length_groups_in_the_right_order(model, handler, monkeypatch):
+    texts = ["good", "a long and winding story that never quite finds its ending, sadly", "bad", "dull",
+             "another long sentence about a film with many words in it, too many"]
+    expected = np.concatenate([handler._scores([t], model) for t in texts])
+    shapes, run = [], model.predictor.predict_logits
+    monkeypatch.setattr(model.predictor, "predict_logits", lambda b: shapes.append(b["input_ids"].shape) or run(b))
+    np.testing.assert_allclose(handler._scores(texts, model), expected, atol=1e-4)
+    assert sorted(r for r, _ in shapes) == [2, 3] and len({q for _, q in shapes}) == 2   # short ones, long ones
 
 
 def test_metrics_endpoint_counts_requests_latency_and_batches(tmp_path, saved):

@@ -148,6 +148,13 @@ def test_a_named_directory_that_does_not_exist_fails_before_the_hub(tmp_path, mo
         data.load_splits("sst2", data_dir=str(tmp_path))
 
 
+def test_length_groups_split_a_batch_where_padding_would_exceed_the_slack():
+    assert data.length_groups([10, 30, 11, 31, 12, 50]) == [[0, 2, 4], [1, 3], [5]]
+    assert data.length_groups([9] * 5) == [[0, 1, 2, 3, 4]]     # equal lengths: one run
+    assert data.length_groups([10, 50], slack=10.0) == [[0, 1]]  # padding within the slack: one run
+    assert data.length_groups([]) == []
+
+
 def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 128, size=1000).tolist()

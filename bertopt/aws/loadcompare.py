@@ -131,14 +131,18 @@ def model_ceiling(model_path: str, batch: int, seconds: float = 1.5, texts=SENTE
 
 
 def _feeds(predictor, tokenizer, batch: int, texts) -> list:
-    """The load test's texts in arrival order, cut into batches of ``batch`` (padded to each batch's
-    longest, as a micro-batch is): at most 512 texts, cycled up to one whole batch."""
+    """The load test's texts in arrival order, cut into batches of ``batch`` and each batch into the
+    runs the handler makes of it (:func:`data.length_groups`, each padded to its longest): at most
+    512 texts, cycled up to one whole batch."""
     from .. import data
 
     pool = [texts[i % len(texts)] for i in range(min(512, max(len(texts), batch)))]
-    tt = "token_type_ids" in predictor.input_names
-    return [data.pad_batch(data.tokenize(pool[i:i + batch], tokenizer, 128), tokenizer.pad_token_id or 0, tt)
-            for i in range(0, len(pool) - batch + 1, batch)]
+    tt, pad = "token_type_ids" in predictor.input_names, tokenizer.pad_token_id or 0
+    feeds = []
+    for i in range(0, len(pool) - batch + 1, batch):
+        seqs = data.tokenize(pool[i:i + batch], tokenizer, 128)
+        feeds += [data.pad_batch([seqs[k] for k in g], pad, tt) for g in data.length_groups([len(q) for q in seqs])]
+    return feeds
 
 
 def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, texts=SENTENCES) -> float:
@@ -152,8 +156,9 @@ def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, te
     def loop(k: int) -> None:
         i = k
         while time.perf_counter() < stop:
-            predictor.predict_logits(feeds[i % len(feeds)])
-            counts[k] += 1
+            feed = feeds[i % len(feeds)]
+            predictor.predict_logits(feed)
+            counts[k] += len(feed["input_ids"])
             i += runs
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(runs)]
@@ -162,7 +167,7 @@ def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, te
         t.start()
     for t in threads:
         t.join()
-    return round(batch * sum(counts) / (time.perf_counter() - start), 1)
+    return round(sum(counts) / (time.perf_counter() - start), 1)
 
 
 def run_compare(args) -> dict:

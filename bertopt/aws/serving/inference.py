@@ -450,9 +450,12 @@ def _scores(texts: list, model: ServingModel) -> np.ndarray:
         seqs, owners = _data.encode(firsts, model.tokenizer, model.max_length, pairs,
                                     model.long_text if pairs is None else "truncate", model.stride)
     sep = model.tokenizer.sep_token_id if pairs is not None else None
-    batch = _data.pad_batch(seqs, model.pad_id, model.with_token_type_ids, sep_id=sep)
-    logits = np.asarray(model.predictor.predict_logits(batch), dtype=np.float64)
-    return _tasks.aggregate(logits, owners, model.task)
+    rows = [None] * len(seqs)
+    for group in _data.length_groups([len(s) for s in seqs]):  # mixed lengths: a run per similar-length group
+        batch = _data.pad_batch([seqs[i] for i in group], model.pad_id, model.with_token_type_ids, sep_id=sep)
+        for i, row in zip(group, np.asarray(model.predictor.predict_logits(batch), dtype=np.float64)):
+            rows[i] = row
+    return _tasks.aggregate(np.stack(rows), owners, model.task)
 
 
 def _rows(texts: list, model: ServingModel) -> list:
