@@ -497,12 +497,15 @@ def test_a_slow_first_use_is_called_out_once_in_a_sentence():
     lat = SimpleNamespace(first=[0.030] * 10, e2e=[0.002] * 10)
     f = first_use(1.5, [0.5, 0.5, 0.6], lat)
     assert f["e2e_vs_warm"] == pytest.approx(3.0) and f["request_p99_vs_warm"] == pytest.approx(15.0)
+    assert f["request_mean_vs_warm"] == pytest.approx(15.0)
     note = first_use_note({"name": "ov-int8", "backend": "openvino", "first_use": f})
     assert note.endswith("warm it up on the input shapes it will serve; the endpoint handler does so for every "
                          "batch-1 length at load")
     assert first_use_note({"name": "x", "backend": "onnxruntime", "first_use": f}).endswith("it will serve")
     assert note.startswith("ov-int8: a fresh process's first pass over the eval set took 1.50 s, 3.0x a warm pass, "
-                           "and the first sight of each request had p99 30.0 ms")
+                           "and its first sight of each request took 30.0 ms on average, 15.0x warm (p99 30.0 ms)")
     warm = first_use(0.55, [0.5, 0.5, 0.6], SimpleNamespace(first=[0.002] * 10, e2e=[0.002] * 10))
     assert first_use_note({"name": "ort-int8", "first_use": warm}) is None
+    one_slow = first_use(0.5, [0.5], SimpleNamespace(first=[0.002] * 98 + [0.02] * 2, e2e=[0.002] * 100))
+    assert one_slow["request_p99_vs_warm"] > 1.5 and first_use_note({"name": "x", "first_use": one_slow}) is None
     assert first_use(None, [0.5], lat) is None
