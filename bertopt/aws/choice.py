@@ -185,7 +185,8 @@ def _from_variant(cfg) -> ModelChoice:
         raise MissingArtifact(path, artifacts.producing_command("onnx"))
     spec = registry.by_key("onnx", name)   # the backend that serves it: ONNX Runtime or OpenVINO
     return ModelChoice(variant=spec.name if spec else f"ort-{name}", backend=spec.backend if spec else "onnxruntime",
-                       precision=entry.get("precision", "fp32"), path=path, model_dir=onnx_dir, label_names=metrics.get("label_names") or _config_labels(onnx_dir),
+                       precision=entry.get("precision", "fp32"), path=path, model_dir=onnx_dir,
+                       label_names=metrics.get("label_names") or _config_labels(onnx_dir),
                        max_length=_manifest_max_length(manifest, default=cfg.max_length),
                        origin=f"--variant {cfg.variant}", source=source,
                        devices=tuple(entry.get("devices") or ("cpu",)),

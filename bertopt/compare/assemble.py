@@ -95,10 +95,10 @@ def first_use_note(row: dict) -> Optional[str]:
     if ratio < FIRST_USE_RATIO:
         return None
     req = f.get("request_ms") or {}
+    requests = (f", and its first sight of each request took {req['mean']:.1f} ms on average, "
+                f"{f['request_mean_vs_warm']:.1f}x warm (p99 {req['p99']:.1f} ms)" if req else "")
     return (f"{row['name']}: a fresh process's first pass over the eval set took {f['e2e_pass_s']:.2f} s, "
-            f"{f['e2e_vs_warm']:.1f}x a warm pass" + (f", and its first sight of each request took {req['mean']:.1f} ms "
-                                                        f"on average, {f['request_mean_vs_warm']:.1f}x warm (p99 "
-                                                        f"{req['p99']:.1f} ms)" if req else "")
+            f"{f['e2e_vs_warm']:.1f}x a warm pass" + requests
             + " (a new input shape costs extra on first use; the table is warm): warm it up on the input "
               "shapes it will serve" + ("; the endpoint handler does so for every batch-1 length at load"
                                         if row.get("backend") == "openvino" else ""))
