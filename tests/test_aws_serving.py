@@ -720,11 +720,16 @@ def test_thread_plan_container_env_and_cost():
     assert instances.thread_plan(16, batching=True) == instances.ThreadPlan(16, 1, 4, 64, batch_runners=4)
     assert instances.thread_plan(8, batching=True, gpu=True) == instances.ThreadPlan(8, 1, 8, 32)
     assert instances.thread_plan(16, batching=False) == instances.ThreadPlan(16, 4, 4, 32)
-    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 1, 1, 4)
+    # per request on 2 vCPUs: two SageMaker workers (each answers one request at a time; one left a vCPU idle)
+    assert instances.thread_plan(2, batching=False) == instances.ThreadPlan(2, 2, 1, 4)
+    assert [instances.thread_plan(n, batching=b).concurrent_runs for n, b in ((2, False), (2, True), (16, True))] == [2, 2, 4]
     env = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
                                         instance_type="ml.c5.2xlarge"), "us-east-1")
     assert (env["SAGEMAKER_MODEL_SERVER_WORKERS"], env["BERTOPT_THREADS"], env["BERTOPT_BATCH_WAIT_MS"]) == ("2", "4", "0")
-    assert env["TOKENIZERS_PARALLELISM"] == "false"
+    assert env["TOKENIZERS_PARALLELISM"] == "false" and env["BERTOPT_MODEL_STREAMS"] == "1"
+    small = container_env(AwsDeployConfig(aws_role_arn="arn:aws:iam::123456789012:role/r",
+                                          instance_type="ml.m5.large"), "us-east-1")
+    assert (small["SAGEMAKER_MODEL_SERVER_WORKERS"], small["BERTOPT_THREADS"]) == ("2", "1")
     serverless = container_env(AwsDeployConfig(serverless_memory=2048, local=True), "us-east-1")
     assert "SAGEMAKER_MODEL_SERVER_WORKERS" not in serverless and serverless["BERTOPT_BATCH_WAIT_MS"] == "0"
     # $0.1345/h at 100 requests/s: 360,000 requests an hour -> $0.3736 per million

@@ -2,6 +2,7 @@
 NNCF. Both sides are covered: with the module hidden (rows 'skipped' with the reason) and, where
 requirements-openvino.txt is installed (CI installs it), built, checked and measured."""
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -207,3 +208,50 @@ def test_compare_and_the_report_show_the_openvino_rows(request, installed):
             assert by[name]["status"] == "skipped" and "requirements-openvino.txt" in by[name]["reason"]
             assert f"- {name} (skipped):" in summary
         assert "requirements-openvino.txt" in html
+
+
+def test_one_openvino_model_answers_concurrent_callers_correctly(with_openvino, built):
+    """A server calls one predictor from several threads (batch runners, HTTP threads). One shared
+    InferRequest handed callers each other's outputs (MiniLM: 128 of 600 wrong, no error); ``streams``
+    compiles one CPU stream per concurrent caller (one stream made 2 callers queue: no gain)."""
+    import threading
+
+    import numpy as np
+
+    from bertopt.aws.serving import inference
+    from bertopt.runtimes import OpenVinoPredictor
+
+    d = built / "onnx" / "baseline"
+    rng = np.random.default_rng(0)
+    feeds = []
+    for rows, length in ((1, 5), (8, 60), (2, 14), (6, 40)):
+        ids = rng.integers(1000, 1500, (rows, length))
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids})
+    two = min(2, len(os.sched_getaffinity(0)))  # OpenVINO gives no more streams than cores
+    pred = OpenVinoPredictor(d / "model.ov-int8.xml", threads=1, streams=2)
+    assert pred.compiled.get_property("NUM_STREAMS") == two
+    expected = [pred.predict_logits(f) for f in feeds]
+    wrong = []
+
+    def call(k: int) -> None:
+        for i in range(300):
+            j = (i + k) % len(feeds)
+            try:
+                if not np.allclose(pred.predict_logits(feeds[j]), expected[j], atol=1e-5):
+                    wrong.append(j)
+            except Exception as exc:  # e.g. a request still busy with another thread's run
+                wrong.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:3]
+    settings = {**inference.DEFAULTS, "backend": "openvino", "model_file": "model.ov-int8.xml", "batch_wait_ms": 0.0,
+                "batch_runners": 2}
+    assert inference._make_predictor(str(d), settings).compiled.get_property("NUM_STREAMS") == two
+    per_request = {**settings, "batch_wait_ms": -1.0}
+    assert inference._make_predictor(str(d), per_request).compiled.get_property("NUM_STREAMS") == 1
+    per_request["model_streams"] = 2
+    assert inference._make_predictor(str(d), per_request).compiled.get_property("NUM_STREAMS") == two

@@ -51,11 +51,18 @@ class ThreadPlan:
     http_threads: int
     batch_runners: int = 1
 
+    @property
+    def concurrent_runs(self) -> int:
+        """Model runs one local server process makes at once (its HTTP threads per request, or its
+        batch runners): OpenVINO compiles that many CPU streams (BERTOPT_MODEL_STREAMS)."""
+        return max(1, self.vcpus // self.model_threads)
+
     def container_env(self) -> dict:
         """The SageMaker container's environment: the Hugging Face toolkit's model server starts
-        ``SAGEMAKER_MODEL_SERVER_WORKERS`` processes with this many model threads each."""
+        ``SAGEMAKER_MODEL_SERVER_WORKERS`` processes with this many model threads each; a worker
+        answers one request at a time, so one model stream each."""
         return {"SAGEMAKER_MODEL_SERVER_WORKERS": str(self.workers), "BERTOPT_THREADS": str(self.model_threads),
-                "OMP_NUM_THREADS": str(self.model_threads), **SERVING_ENV}
+                "OMP_NUM_THREADS": str(self.model_threads), "BERTOPT_MODEL_STREAMS": "1", **SERVING_ENV}
 
 
 def local_vcpus() -> int:
@@ -68,8 +75,9 @@ def local_vcpus() -> int:
 def thread_plan(vcpus: int, batching: bool = True, gpu: bool = False) -> ThreadPlan:
     """Workers and threads for ``vcpus``. On CPU, with up to 2 vCPUs one intra-op thread per model
     run and concurrent runs (ONNX Runtime releases the GIL), larger hosts up to 4 intra-op threads
-    a run. Per request: that many runs at once (workers); micro-batching: one process with as many
-    batch runners, and enough HTTP threads to hold the waiting requests. Measured on 2 vCPUs, INT8
+    a run. Per request: that many runs at once (on SageMaker as many model-server workers, which
+    answer one request at a time: 1 worker on 2 vCPUs left one idle; the local server runs them on
+    its HTTP threads in one process); micro-batching: one process with as many batch runners, and enough HTTP threads to hold the waiting requests. Measured on 2 vCPUs, INT8
     MiniLM, the model alone: per request 2 x 1 thread 1,935 texts/s against 970 at 2 threads a run;
     batches of 32, 2 runners x 1 thread 3,223 against 2,340 for 1 runner x 2 threads. On a GPU, one
     worker (one runner) with every vCPU."""
@@ -80,7 +88,7 @@ def thread_plan(vcpus: int, batching: bool = True, gpu: bool = False) -> ThreadP
     runs = max(1, vcpus // threads)
     if batching:
         return ThreadPlan(vcpus, 1, threads, max(32, 4 * vcpus), batch_runners=runs)
-    return ThreadPlan(vcpus, 1 if vcpus <= 2 else runs, threads, max(4, 2 * vcpus))
+    return ThreadPlan(vcpus, runs, threads, max(4, 2 * vcpus))
 
 
 def instance_plan(instance_type: str, gpu: bool = False) -> Optional[ThreadPlan]:

@@ -239,6 +239,7 @@ def run_local(cfg) -> StageResult:
     start = time.perf_counter()
     plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
     env = {"BERTOPT_THREADS": str(plan.model_threads), "BERTOPT_BATCH_RUNNERS": str(plan.batch_runners),
+           "BERTOPT_MODEL_STREAMS": str(plan.concurrent_runs),
            **instances.SERVING_ENV}
     for key, value in env.items():
         os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer

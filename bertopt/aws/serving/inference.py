@@ -21,6 +21,7 @@ Batching: with ``batch_wait_ms`` >= 0 (BERTOPT_BATCH_WAIT_MS; serving.json) conc
           are micro-batched by :class:`MicroBatcher`: one model run for every request queued while the
           previous batch ran, plus those arriving within ``batch_wait_ms``, up to ``batch_max_texts``
           texts (BERTOPT_BATCH_MAX_TEXTS), on ``batch_runners`` threads (BERTOPT_BATCH_RUNNERS).
+          OpenVINO compiles one CPU stream per concurrent model run (``model_streams``, BERTOPT_MODEL_STREAMS).
           ``batch_wait_ms`` < 0 runs each request alone.
 Threads:  BERTOPT_THREADS sets ONNX Runtime's / torch's intra-op threads (the deploy derives it from
           the instance's vCPUs); the GIL switch interval is ``gil_switch_ms`` (0.5 ms; BERTOPT_GIL_SWITCH_MS);
@@ -68,10 +69,10 @@ SETTINGS_FILE = "serving.json"
 JSON = "application/json"
 CSV = "text/csv"
 DEFAULTS = {"max_batch": 64, "max_chars": 10000, "max_length": 128, "batch_wait_ms": -1.0, "batch_max_texts": 64,
-            "batch_runners": 1, "gil_switch_ms": 0.5, "ort_spinning": None}
+            "batch_runners": 1, "model_streams": 1, "gil_switch_ms": 0.5, "ort_spinning": None}
 ENV = {"max_batch": "BERTOPT_MAX_BATCH", "max_chars": "BERTOPT_MAX_CHARS", "max_length": "BERTOPT_MAX_LENGTH",
        "batch_wait_ms": "BERTOPT_BATCH_WAIT_MS", "batch_max_texts": "BERTOPT_BATCH_MAX_TEXTS",
-       "batch_runners": "BERTOPT_BATCH_RUNNERS",
+       "batch_runners": "BERTOPT_BATCH_RUNNERS", "model_streams": "BERTOPT_MODEL_STREAMS",
        "gil_switch_ms": "BERTOPT_GIL_SWITCH_MS", "ort_spinning": "BERTOPT_ORT_SPINNING"}
 FLOAT_SETTINGS = ("batch_wait_ms", "gil_switch_ms")
 BOOL_SETTINGS = ("ort_spinning",)
@@ -256,8 +257,10 @@ def _make_predictor(model_dir: str, settings: dict):
                                       spinning=settings.get("ort_spinning"))
     if backend == "openvino":  # Intel CPU hosts; the archive pins openvino in code/requirements.txt
         path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
+        s = {**DEFAULTS, **settings}
+        streams = max(int(s["model_streams"]), int(s["batch_runners"]) if float(s["batch_wait_ms"]) >= 0 else 1)
         return _runtimes.OpenVinoPredictor(path, name=name or "ov-fp32", precision=settings.get("precision", "fp32"),
-                                           threads=_threads())
+                                           threads=_threads(), streams=streams)
     if backend == "torch":
         device = "cpu"
         if settings.get("device") == "cuda":
