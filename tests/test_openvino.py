@@ -255,3 +255,12 @@ def test_one_openvino_model_answers_concurrent_callers_correctly(with_openvino, 
     assert inference._make_predictor(str(d), per_request).compiled.get_property("NUM_STREAMS") == 1
     per_request["model_streams"] = 2
     assert inference._make_predictor(str(d), per_request).compiled.get_property("NUM_STREAMS") == two
+
+
+def test_the_load_tests_model_only_ceiling_runs_an_openvino_ir(with_openvino, built):
+    from bertopt.aws import instances, loadcompare
+
+    ceiling = loadcompare.model_ceiling(str(built / "onnx" / "baseline" / "model.ov-int8.xml"), 8, seconds=0.2)
+    runs = instances.thread_plan(instances.local_vcpus(), batching=True).concurrent_runs
+    assert "skipped" not in ceiling and ceiling["micro_batching"]["concurrent_runs"] == runs
+    assert ceiling["per_request"]["texts_per_s"] > 0 and ceiling["micro_batching"]["texts_per_s"] > 0

@@ -115,15 +115,17 @@ def model_ceiling(model_path: str, batch: int, seconds: float = 1.5, texts=SENTE
     ratio is the most micro-batching can gain over per-request serving, whatever the HTTP side costs."""
     from .. import modeling, runtimes
 
-    if not str(model_path).endswith(".onnx"):
-        return {"skipped": "the model-only ceiling is measured for .onnx models"}
+    openvino = str(model_path).endswith(".xml")
+    if not (openvino or str(model_path).endswith(".onnx")):
+        return {"skipped": "the model-only ceiling is measured for .onnx models and OpenVINO IR"}
     vcpus = instances.local_vcpus()
     per, batched = instances.thread_plan(vcpus, batching=False), instances.thread_plan(vcpus, batching=True)
     tokenizer = modeling.load_tokenizer(str(Path(model_path).parent))
     out = {"seconds_each": seconds}
     for key, plan, b in (("per_request", per, 1), ("micro_batching", batched, batch)):
-        predictor = runtimes.OrtPredictor(model_path, intra_op_threads=plan.model_threads)
-        runs = max(1, vcpus // plan.model_threads)
+        runs = plan.concurrent_runs
+        predictor = (runtimes.OpenVinoPredictor(model_path, threads=plan.model_threads, streams=runs) if openvino
+                     else runtimes.OrtPredictor(model_path, intra_op_threads=plan.model_threads))
         out[key] = {"batch": b, "concurrent_runs": runs, "threads_per_run": plan.model_threads,
                     "texts_per_s": _texts_per_s(predictor, tokenizer, b, runs, seconds, texts)}
     out["ratio"] = round(out["micro_batching"]["texts_per_s"] / out["per_request"]["texts_per_s"], 2)
@@ -146,8 +148,8 @@ def _feeds(predictor, tokenizer, batch: int, texts) -> list:
 
 
 def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, texts=SENTENCES) -> float:
-    """``runs`` threads cycling through the batches of :func:`_feeds` on one session for ``seconds``
-    (ONNX Runtime releases the GIL and allows concurrent runs of a session)."""
+    """``runs`` threads cycling through the batches of :func:`_feeds` on one model for ``seconds``
+    (ONNX Runtime and OpenVINO release the GIL and allow concurrent runs of one model)."""
     feeds = _feeds(predictor, tokenizer, batch, texts)
     for feed in feeds[:10]:
         predictor.predict_logits(feed)
