@@ -77,10 +77,11 @@ def thread_plan(vcpus: int, batching: bool = True, gpu: bool = False) -> ThreadP
     run and concurrent runs (ONNX Runtime releases the GIL), larger hosts up to 4 intra-op threads
     a run. Per request: that many runs at once (on SageMaker as many model-server workers, which
     answer one request at a time: 1 worker on 2 vCPUs left one idle; the local server runs them on
-    its HTTP threads in one process); micro-batching: one process with as many batch runners, and enough HTTP threads to hold the waiting requests. Measured on 2 vCPUs, INT8
-    MiniLM, the model alone: per request 2 x 1 thread 1,935 texts/s against 970 at 2 threads a run;
-    batches of 32, 2 runners x 1 thread 3,223 against 2,340 for 1 runner x 2 threads. On a GPU, one
-    worker (one runner) with every vCPU."""
+    its HTTP threads in one process); micro-batching: one process with as many batch runners, and
+    enough HTTP threads to hold the waiting requests. Measured on 2 vCPUs, INT8 MiniLM, the model
+    alone: per request 2 x 1 thread 1,935 texts/s against 970 at 2 threads a run; batches of 32,
+    2 runners x 1 thread 3,223 against 2,340 for 1 runner x 2 threads. On a GPU, one worker (one
+    runner) with every vCPU."""
     vcpus = max(1, int(vcpus))
     if gpu:
         return ThreadPlan(vcpus, 1, vcpus, max(32, 4 * vcpus))
