@@ -264,3 +264,52 @@ def test_the_load_tests_model_only_ceiling_runs_an_openvino_ir(with_openvino, bu
     runs = instances.thread_plan(instances.local_vcpus(), batching=True).concurrent_runs
     assert "skipped" not in ceiling and ceiling["micro_batching"]["concurrent_runs"] == runs
     assert ceiling["per_request"]["texts_per_s"] > 0 and ceiling["micro_batching"]["texts_per_s"] > 0
+
+
+def test_an_openvino_endpoint_answers_concurrent_clients_as_it_answers_one(with_openvino, built, tmp_path_factory,
+                                                                           monkeypatch):
+    """Through HTTP, micro-batched on two runners: before the fix 400 SST-2 sentences from 16 clients
+    got 209 errors ("Infer Request is busy") and 42 answers that differed from one-at-a-time."""
+    import threading
+    import urllib.request
+
+    from bertopt.aws import local
+    from bertopt.aws.config import AwsDeployConfig
+
+    monkeypatch.setenv("BERTOPT_BATCH_RUNNERS", "2")
+    monkeypatch.setenv("BERTOPT_THREADS", "1")
+    cfg = AwsDeployConfig(output_dir=str(built), reports_dir=str(built / "reports"), variant="ov-int8", local=True,
+                          quiet=True, max_length=32)
+    handler, model = local.prepare_local(cfg, tmp_path_factory.mktemp("ov-concurrent"))[2:]
+    endpoint = local.LocalEndpoint(local.InvocationsApp(handler, model), "127.0.0.1", 0, threads=16).start()
+    texts = [" ".join(["good", "bad", "film", "plot", "acting"][: 1 + i % 5] * (1 + i % 7)) for i in range(120)]
+
+    def ask(text):
+        req = urllib.request.Request(endpoint.url + "/invocations", data=json.dumps({"inputs": [text]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())[0]
+
+    try:
+        alone = [ask(t) for t in texts]
+        together, failures = [None] * len(texts), []
+
+        def client(k):
+            for i in range(k, len(texts), 8):
+                try:
+                    together[i] = ask(texts[i])
+                except Exception as exc:  # a 500 raises HTTPError
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        endpoint.stop()
+        model.batcher.close()
+    assert not failures, failures[:3]
+    differ = [i for i, (a, b) in enumerate(zip(alone, together))
+              if a["label"] != b["label"] or abs(a["score"] - b["score"]) > 1e-4]
+    assert not differ, [(alone[i], together[i]) for i in differ[:3]]
