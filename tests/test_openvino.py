@@ -210,12 +210,21 @@ def test_compare_and_the_report_show_the_openvino_rows(request, installed):
         assert "requirements-openvino.txt" in html
 
 
+def _in_threads(fn, n: int) -> None:
+    """fn(0) .. fn(n - 1) at once, one thread each; returns when all are done."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_one_openvino_model_answers_concurrent_callers_correctly(with_openvino, built):
     """A server calls one predictor from several threads (batch runners, HTTP threads). One shared
     InferRequest handed callers each other's outputs (MiniLM: 128 of 600 wrong, no error); ``streams``
     compiles one CPU stream per concurrent caller (one stream made 2 callers queue: no gain)."""
-    import threading
-
     import numpy as np
 
     from bertopt.aws.serving import inference
@@ -242,11 +251,7 @@ def test_one_openvino_model_answers_concurrent_callers_correctly(with_openvino, 
             except Exception as exc:  # e.g. a request still busy with another thread's run
                 wrong.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(call, 4)
     assert not wrong, wrong[:3]
     settings = {**inference.DEFAULTS, "backend": "openvino", "model_file": "model.ov-int8.xml", "batch_wait_ms": 0.0,
                 "batch_runners": 2}
@@ -270,7 +275,6 @@ def test_an_openvino_endpoint_answers_concurrent_clients_as_it_answers_one(with_
                                                                            monkeypatch):
     """Through HTTP, micro-batched on two runners: before the fix 400 SST-2 sentences from 16 clients
     got 209 errors ("Infer Request is busy") and 42 answers that differed from one-at-a-time."""
-    import threading
     import urllib.request
 
     from bertopt.aws import local
@@ -301,11 +305,7 @@ def test_an_openvino_endpoint_answers_concurrent_clients_as_it_answers_one(with_
                 except Exception as exc:  # a 500 raises HTTPError
                     failures.append(f"{type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(client, 8)
     finally:
         endpoint.stop()
         model.batcher.close()
