@@ -508,7 +508,7 @@ def test_the_model_only_ceiling_batches_the_texts_in_arrival_order():
     from transformers import AutoTokenizer
 
     from bertopt import modeling
-    from bertopt.aws.loadcompare import _feeds
+    from bertopt.aws.loadcompare import _feeds, _texts_per_s
 
     tok = AutoTokenizer.from_pretrained(modeling.resolve_model(modeling.DEFAULT_MODEL))
     pred = SimpleNamespace(input_names=("input_ids", "attention_mask"))
@@ -519,6 +519,12 @@ def test_the_model_only_ceiling_batches_the_texts_in_arrival_order():
     assert sorted(f["input_ids"].shape for f in _feeds(pred, tok, 8, ["a b"] * 3 + ["a b c d e f g"])) == [
         (2, 9), (6, 4)]   # cycled up to one batch of 8: six 4-token texts, two 9-token ones
     assert "token_type_ids" not in _feeds(pred, tok, 1, texts)[0]
+    # before timing, every batch shape runs once (OpenVINO prepares each new shape on first use)
+    seen = []
+    pred.predict_logits = lambda feed: seen.append(feed["input_ids"].shape)
+    many = [" ".join(["a"] * n) for n in range(1, 40)]
+    _texts_per_s(pred, tok, 1, runs=1, seconds=0.0, texts=many)
+    assert {f["input_ids"].shape for f in _feeds(pred, tok, 1, many)} <= set(seen) and len(set(seen)) > 10
 
 
 def test_loadtest_cli_rejects_bad_numbers_and_names_a_missing_server(capsys):
