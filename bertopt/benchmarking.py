@@ -274,33 +274,57 @@ def efficiency(flops: float, seconds: float, peak_flops: float | None) -> dict:
 
 # ----------------------------------------------------------------------------- matmul peak
 def matmul_peak(threads: int | None = None, sizes: Sequence[int] = (1024, 2048), repeats: int = 5,
-                device: str = "cpu", dtype: str = "float32") -> dict:
+                device: str = "cpu", dtype: str = "float32", budget_s: float = 10.0) -> dict:
     """This machine's measured dense matmul rate: the best of ``repeats`` timed square matmuls at
     each size (torch's BLAS / oneDNN, same thread count as the benchmarks). Returned in GFLOP/s
-    (GOP/s for int8: ``torch._int_mm``, int8 x int8 -> int32, the kernel class INT8 models run)."""
+    (GOP/s for int8: ``torch._int_mm``, int8 x int8 -> int32, the kernel class INT8 models run).
+
+    Bounded to about ``budget_s`` seconds of matmul calls: a type the CPU has no kernel for runs
+    torch's scalar fallback (fp16 on an AMD EPYC without AVX512-FP16: 1.0 GFLOP/s, 43 s a 2048
+    call, 277 s of compare's 668), so it gets fewer repeats and skips the sizes that would not fit;
+    each run records its ``repeats`` and ``skipped_sizes`` lists what was left out."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    runs = []
+    runs, skipped, start = [], [], time.perf_counter()
     for n in sizes:
-        op = _square_matmul(torch, n, dtype, device)
-        op()  # warm-up (allocations, BLAS thread pool, oneDNN kernel choice)
-        best = math.inf
-        for _ in range(repeats):
-            if device != "cpu":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            op()
-            if device != "cpu":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        runs.append({"n": n, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9})
+        if runs and _predicted_s(runs[-1], n) * 2 > budget_s - (time.perf_counter() - start):
+            skipped.append(n)  # a warm-up and one timed call would not fit
+            continue
+        runs.append(_time_matmul(torch, _square_matmul(torch, n, dtype, device), n, repeats, device,
+                                 budget_s - (time.perf_counter() - start)))
     peak = max(r["gflops"] for r in runs)
     call = "torch._int_mm" if dtype == "int8" else "torch.matmul"
+    method = f"best of {repeats} {call} calls of n x n {dtype} at n in {list(sizes)}"
+    if skipped or any(r["repeats"] < repeats for r in runs):
+        method += f" (cut to a {budget_s:g} s budget: " + ", ".join(f"n={r['n']} x{r['repeats']}" for r in runs) + (
+            f", n={skipped} skipped" if skipped else "") + ")"
     return {"gflops": peak, "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-            "method": f"best of {repeats} {call} calls of n x n {dtype} at n in {list(sizes)}",
-            "runs": runs}
+            "method": method, "runs": runs, "skipped_sizes": skipped}
+
+
+def _predicted_s(run: dict, n: int) -> float:
+    """The seconds one n x n call would take at ``run``'s rate (matmul work grows with n cubed)."""
+    return run["best_s"] * (n / run["n"]) ** 3
+
+
+def _time_matmul(torch, op, n: int, repeats: int, device: str, budget_s: float) -> dict:
+    """One size: a warm-up call (allocations, BLAS thread pool, oneDNN kernel choice), then the best of
+    ``repeats`` timed calls, fewer where ``budget_s`` would not hold them (at least one)."""
+    def timed() -> float:
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        op()
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    warm = timed()
+    reps = max(1, min(repeats, int((budget_s - warm) / warm))) if warm > 0 else repeats
+    best = min(timed() for _ in range(reps))
+    return {"n": n, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9, "repeats": reps}
 
 
 def _square_matmul(torch, n: int, dtype: str, device: str):

@@ -11,7 +11,8 @@ regression figures); from 3 on every ``accuracy`` / ``accuracy_delta`` / ``basel
 holds ``task.metric`` (accuracy for a plain classifier, as before). Versions 1 and 2 still load (the
 new keys are optional to readers: :func:`metric_name` says "accuracy" for them). Optional keys
 added within 3: ``hardware.cpu_matmul_peaks`` (the CPU's matmul peak per non-fp32 compute type,
-which that type's rows' ``fraction_of_peak`` divides by) and ``variants[].first_use`` (a row's first
+which that type's rows' ``fraction_of_peak`` divides by; a type measured slower than fp32 holds
+``rows_measured_against: "fp32"`` and its rows divide by the fp32 peak) and ``variants[].first_use`` (a row's first
 pass over the eval set and first sight of each request, against the warm figures, with ``note``).
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import textwrap
 
+import time
+
 import numpy as np
 import pytest
 
@@ -160,6 +162,27 @@ def test_matmul_peak_structure():
     assert peak["gflops"] == max(r["gflops"] for r in peak["runs"]) > 0
     assert [r["n"] for r in peak["runs"]] == [32, 64]
     assert peak["threads"] == 1 and peak["dtype"] == "float32"
+
+
+def test_matmul_peak_cuts_a_type_without_a_fast_kernel_to_its_time_budget(monkeypatch):
+    """fp16 on a CPU without a native kernel ran torch's fallback at 1 GFLOP/s: 43 s a 2048 call,
+    277 s of compare; the peak now takes fewer repeats and skips the sizes that would not fit."""
+    calls = []
+
+    def slow(torch, n, dtype, device):
+        def op():
+            calls.append(n)
+            time.sleep(0.2)
+        return op
+
+    monkeypatch.setattr(bm, "_square_matmul", slow)
+    peak = bm.matmul_peak(threads=1, sizes=(32, 64), repeats=5, dtype="float16", budget_s=0.7)
+    assert [r["n"] for r in peak["runs"]] == [32] and peak["skipped_sizes"] == [64]
+    assert peak["runs"][0]["repeats"] == 2 and calls == [32, 32, 32]   # a warm-up and 2 timed calls
+    assert "cut to a 0.7 s budget" in peak["method"] and "n=[64] skipped" in peak["method"]
+    fast = bm.matmul_peak(threads=1, sizes=(32, 64), repeats=2)           # a real kernel: untouched
+    assert fast["skipped_sizes"] == [] and [r["repeats"] for r in fast["runs"]] == [2, 2]
+    assert "budget" not in fast["method"]
 
 
 def test_cpu_matmul_peaks_per_compute_type(monkeypatch):

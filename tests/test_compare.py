@@ -453,6 +453,13 @@ def test_a_cpu_row_is_measured_against_the_peak_of_its_own_compute_type():
     assert peak.flops_for(row("int4")) == 3600e9     # weight-only int4: the CPU kernel computes in int8
     assert peak.flops_for(row("bf16")) is None        # not measured: no fraction rather than one against fp32
     assert peak.flops_for(row("fp16")) is None
+    # a type the CPU runs slower than fp32 (fp16 without a native kernel: 1.0 against 400 GFLOP/s):
+    # its rows run in fp32 there and are measured against the fp32 peak, not at 40,000% of their own
+    slow = Peak({"gflops": 400.0}, None, cpu_types={"fp16": {"gflops": 1.0}, "int8": {"gflops": 3600.0}})
+    assert slow.flops_for(row("fp16")) == 400e9 and slow.flops_for(row("fp16"), cpu_gflops=420.0) == 420e9
+    assert slow.cpu_types_below_fp32() == ["fp16"]
+    assert slow.cpu_types_record()["fp16"]["rows_measured_against"] == "fp32"
+    assert "rows_measured_against" not in slow.cpu_types_record()["int8"]
 
 
 class _ShapeLog:

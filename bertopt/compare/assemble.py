@@ -64,10 +64,12 @@ def busy_warnings(others_share: Optional[float], cores: int) -> list[str]:
 
 
 def _rescale_cpu_efficiency(o: Opened, peak: Peak, sweep: Sweep) -> None:
-    """FP32 CPU efficiencies against the higher of the two FP32 peak measurements."""
+    """CPU efficiencies against the FP32 peak (fp32 rows, and rows of a type slower than fp32 here)
+    taken against the higher of the two FP32 peak measurements."""
+    fp32_rows = {"fp32", *peak.cpu_types_below_fp32()}
     if peak.after and peak.after["gflops"] > peak.before["gflops"]:
         for v in o.live:
-            if v.device == "cpu" and v.name in sweep.cells and gm.compute_type(v.precision) == "fp32":
+            if v.device == "cpu" and v.name in sweep.cells and gm.compute_type(v.precision) in fp32_rows:
                 for c in sweep.cells[v.name]:
                     c["fraction_of_peak"] = c["gflops"] / peak.cpu_gflops
 
@@ -257,7 +259,7 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
                  "real_tokens": int(sum(s.lengths)), "settings": s.dcfg},
         "hardware": {"matmul_peak": {**peak.before, "gflops": peak.cpu_gflops, "before": peak.before["gflops"],
                                      "after": peak.after["gflops"]},
-                     "cpu_matmul_peaks": peak.cpu_types, "gpu_matmul_peaks": peak.gpu},
+                     "cpu_matmul_peaks": peak.cpu_types_record(), "gpu_matmul_peaks": peak.gpu},
         "task": _task_entry(s), "baseline_accuracy": baseline_acc, "variants": rows,
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
         "recommendation_message": message, "warnings": warnings, "eligibility": verdicts,

@@ -116,11 +116,26 @@ class Peak:
         return max(self.before["gflops"], (self.after or self.before)["gflops"])
 
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
+        """The peak a row is a fraction of. A CPU row whose own type the CPU runs slower than fp32
+        (no native kernel: fp16 on an AMD EPYC, 1.0 against 196 GFLOP/s for fp32) is measured
+        against the fp32 peak: runtimes compute such a model in fp32 there (ort-fp16 ran as fast as
+        ort-fp32), and against its own type's figure it read 12,153% of peak."""
         if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
             return gm.peak_for(v.precision, self.gpu)[0]
+        fp32 = (cpu_gflops or self.before["gflops"]) * 1e9
         if gm.compute_type(v.precision) != "fp32":
-            return gm.peak_for(v.precision, self.cpu_types)[0]
-        return (cpu_gflops or self.before["gflops"]) * 1e9
+            own = gm.peak_for(v.precision, self.cpu_types)[0]
+            return max(own, fp32) if own else None
+        return fp32
+
+    def cpu_types_below_fp32(self) -> list:
+        """The CPU compute types measured slower than fp32 (their rows are measured against fp32)."""
+        return sorted(t for t, e in self.cpu_types.items() if e.get("gflops") and e["gflops"] < self.before["gflops"])
+
+    def cpu_types_record(self) -> dict:
+        """``cpu_types`` as results.json holds them: a type below fp32 says ``rows_measured_against: fp32``."""
+        below = self.cpu_types_below_fp32()
+        return {t: {**e, **({"rows_measured_against": "fp32"} if t in below else {})} for t, e in self.cpu_types.items()}
 
 
 @dataclass
@@ -179,7 +194,9 @@ def measure(cfg: CompareConfig) -> dict:
                                               s.threads, sizes=s.proto["matmul_sizes"]))
     log.info("CPU matmul peak, %d threads: %s", s.threads, ", ".join(
         f"{t} {e['gflops']:.1f}" if e.get("gflops") else f"{t} not measured ({e.get('error')})"
-        for t, e in {"fp32": peak.before, **peak.cpu_types}.items()) + " GFLOP/s")
+        for t, e in {"fp32": peak.before, **peak.cpu_types}.items()) + " GFLOP/s" + (
+        f" ({', '.join(peak.cpu_types_below_fp32())} slower than fp32 here: those rows are measured against fp32)"
+        if peak.cpu_types_below_fp32() else ""))
     phases.done("matmul_peak")
     sweep = run_sweep(s, o, peak, phases)
     e2e = run_end_to_end(s, o, sweep, phases)

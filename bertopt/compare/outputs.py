@@ -69,8 +69,9 @@ def _fmt(v, spec=".1f", none="-"):
 def _peaks_label(hardware: dict, fp32: dict) -> str:
     """'fp32 428.0, bf16 2714.3, int8 3812.9 GFLOP/s' (the CPU's per-type peaks after FP32)."""
     others = hardware.get("cpu_matmul_peaks") or {}
-    parts = [f"fp32 {_fmt(fp32.get('gflops'), '.1f')}"] + [f"{t} {_fmt(e.get('gflops'), '.1f')}"
-                                                          for t, e in sorted(others.items())]
+    parts = [f"fp32 {_fmt(fp32.get('gflops'), '.1f')}"] + [
+        f"{t} {_fmt(e.get('gflops'), '.1f')}" + (" (below fp32: its rows against fp32)" if e.get("rows_measured_against") else "")
+        for t, e in sorted(others.items())]
     return ", ".join(parts) + " GFLOP/s" + (" (each row against its own compute type)" if others else "")
 
 
