@@ -3,6 +3,7 @@ serves that archive over HTTP (GET /ping, POST /invocations) on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -743,6 +744,35 @@ def test_thread_plan_container_env_and_cost():
     assert instances.cost_per_million(100.0, "ml.unknown") is None and instances.PRICES_AS_OF
 
 
+def test_handler_ceiling_runs_the_archives_handler_without_http_and_restores_the_process(served, monkeypatch):
+    """The handler-only figure: the archive's own input_fn -> predict_fn -> output_fn on concurrent
+    callers, in this process, loaded as the local server loads it, with the environment put back."""
+    import time
+
+    from bertopt.aws import loadcompare, local
+
+    real, calls = local.load_handler, []
+
+    def slowed(model_dir):  # a 5 ms model run, so that 8 callers queue behind it and share runs
+        handler, model = real(model_dir)
+        predict = model.predictor.predict_logits
+
+        def slow(batch):
+            calls.append(len(batch["input_ids"]))
+            time.sleep(0.005)
+            return predict(batch)
+        model.predictor.predict_logits = slow
+        return handler, model
+
+    monkeypatch.setattr(local, "load_handler", slowed)
+    monkeypatch.delenv("BERTOPT_THREADS", raising=False)
+    switch = sys.getswitchinterval()
+    out = loadcompare.handler_ceiling(served["model_dir"], batching=True, callers=8, seconds=0.4)
+    assert out["callers"] == 8 and out["requests_per_s"] > 0 and out["cpu_ms_per_request"] > 0
+    assert out["texts_per_model_run"] > 1 and max(calls) > 1     # concurrent requests shared model runs
+    assert "BERTOPT_THREADS" not in os.environ and sys.getswitchinterval() == switch
+
+
 def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, monkeypatch):
     """--compare with a one-step sweep (the real sweep is bounded the same way, only longer)."""
     from bertopt.aws import loadcompare, loadtest
@@ -760,15 +790,21 @@ def test_loadtest_compare_serves_both_modes_and_writes_results(tmp_path, saved, 
                           "4", "--seconds", "0.5", "--p99-target-ms", "2000", "--out", str(out), "--texts", str(texts)])
     res = json.loads(out.read_text())
     assert res["protocol"]["texts_from"] == str(texts) and res["protocol"]["sentences"] == 3
-    assert code == 0 and res["schema"] == "bertopt.loadtest/2" and set(res["modes"]) == {"per-request", "micro-batching"}
+    assert code == 0 and res["schema"] == "bertopt.loadtest/3" and set(res["modes"]) == {"per-request", "micro-batching"}
     for mode in res["modes"].values():
         assert mode["steps"][0]["errors"] == 0 and mode["requests_per_s_at_target"] > 0
     assert res["modes"]["micro-batching"]["at_2x_per_request"]["requests"] > 0
     assert res["pricing"]["instance_type"] == "ml.m5.large" and res["pricing"]["as_of"]
     assert res["cost_per_million"]["per-request"] > 0 and res["speedup"] > 0
-    ceiling = res["model_only"]  # the bare model as each server runs it: the most batching can gain
+    ceiling = res["model_only"]  # the bare model as each server runs it: what batches gain in the model
     per, batched = ceiling["per_request"], ceiling["micro_batching"]
     assert (per["batch"], batched["batch"]) == (1, 32) and per["texts_per_s"] > 0
     assert ceiling["ratio"] == pytest.approx(batched["texts_per_s"] / per["texts_per_s"], abs=0.01)
+    hand = res["handler_only"]  # each archive's handler in-process, as many callers as its server has HTTP threads
+    assert (hand["per_request"]["callers"], hand["micro_batching"]["callers"]) == (4, 4)   # min(--clients 4, threads)
+    assert hand["per_request"]["requests_per_s"] > 0 and hand["per_request"]["cpu_ms_per_request"] > 0
+    assert "texts_per_model_run" not in hand["per_request"] and hand["micro_batching"]["texts_per_model_run"] >= 1
+    assert hand["ratio"] == pytest.approx(hand["micro_batching"]["requests_per_s"] / hand["per_request"]["requests_per_s"],
+                                          abs=0.01)
     cpu = res["modes"]["per-request"]["cpu_ms_per_request"]  # server and load generator CPU per request
     assert cpu["server"] > 0 and cpu["load_generator"] > 0 and cpu["bound_rps"] > 0

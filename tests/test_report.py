@@ -370,7 +370,10 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
         "cost_per_million": {"per-request": 0.178, "micro-batching": 0.072},
         "model_only": {"per_request": {"batch": 1, "concurrent_runs": 2, "threads_per_run": 1, "texts_per_s": 1935.0},
                        "micro_batching": {"batch": 32, "concurrent_runs": 2, "threads_per_run": 1, "texts_per_s": 3223.0},
-                       "ratio": 1.67}}))
+                       "ratio": 1.67},
+        "handler_only": {"per_request": {"callers": 4, "requests_per_s": 812.0, "cpu_ms_per_request": 2.4},
+                         "micro_batching": {"callers": 16, "requests_per_s": 1036.0, "cpu_ms_per_request": 1.7,
+                                            "texts_per_model_run": 5.3}, "ratio": 1.28}}))
     html = report.render_report(path).read_text()
     section = html[html.index('<section id="serving">'):]
     section = section[:section.index("</section>")]
@@ -379,8 +382,10 @@ def test_report_shows_the_serving_load_test_when_present(tmp_path):
     assert rows == [("per-request", "210.0"), ("micro-batching", "520.0")]
     assert "0.178" in section and "0.072" in section
     assert "2 concurrent runs of one text at 1 thread(s) each,\n1935 texts/s" in section
-    assert "on batches of 32,\n3223 texts/s: 1.67×" in section
+    assert "on batches of 32,\n3223 texts/s: batches gain 1.67× in the model itself" in section
+    assert "most micro-batching can gain" not in section  # not a bound: served ratios passed it (1.48x vs 1.27x)
     assert "<td>9.52 + 0.25</td>" in section  # CPU ms per request: 2000 / 210 in the server
+    assert "per request 4 callers,\n812 requests/s; micro-batching 16 callers,\n1036 requests/s (5.3 texts a model run):\n1.28×" in section
 
 
 def test_training_curves_show_eval_accuracy_per_step():

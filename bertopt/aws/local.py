@@ -221,11 +221,24 @@ class LocalEndpoint:
             self._thread.join(timeout=10)
 
 
+def local_dir(output_dir) -> Path:
+    """Where the local endpoint builds and unpacks its archive: ``<output_dir>/aws/local/``
+    (model.tar.gz, and the unpacked archive in ``model/``)."""
+    return artifacts.stage_dir(output_dir, "aws") / "local"
+
+
+def server_env(plan: instances.ThreadPlan) -> dict:
+    """The environment the local server's handler loads with: model threads, batch runners and
+    OpenVINO streams from the thread plan (model_fn reads them), plus :data:`instances.SERVING_ENV`."""
+    return {"BERTOPT_THREADS": str(plan.model_threads), "BERTOPT_BATCH_RUNNERS": str(plan.batch_runners),
+            "BERTOPT_MODEL_STREAMS": str(plan.concurrent_runs), **instances.SERVING_ENV}
+
+
 def prepare_local(cfg, directory: Path | None = None):
     """Build model.tar.gz into ``<output_dir>/aws/local/``, unpack it, load its handler.
     Returns (archive info, model dir, handler module, model)."""
     choice = resolve_model(cfg)
-    directory = Path(directory or artifacts.stage_dir(cfg.output_dir, "aws") / "local")
+    directory = Path(directory or local_dir(cfg.output_dir))
     archive = packaging.build_archive(choice, cfg, directory / packaging.ARCHIVE_NAME)
     model_dir = directory / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -238,10 +251,7 @@ def run_local(cfg) -> StageResult:
     """aws_deploy.py --local: serve until Ctrl-C."""
     start = time.perf_counter()
     plan = instances.thread_plan(instances.local_vcpus(), batching=cfg.batching)
-    env = {"BERTOPT_THREADS": str(plan.model_threads), "BERTOPT_BATCH_RUNNERS": str(plan.batch_runners),
-           "BERTOPT_MODEL_STREAMS": str(plan.concurrent_runs),
-           **instances.SERVING_ENV}
-    for key, value in env.items():
+    for key, value in server_env(plan).items():
         os.environ.setdefault(key, value)  # read by the handler's model_fn and the tokenizer
     archive, model_dir, handler, model = prepare_local(cfg)
     threads = cfg.local_threads or plan.http_threads
