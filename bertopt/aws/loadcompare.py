@@ -170,13 +170,19 @@ def _texts_per_s(predictor, tokenizer, batch: int, runs: int, seconds: float, te
             counts[k] += len(feed["input_ids"])
             i += runs
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(runs)]
+    wall = _run_threads(loop, runs)  # before the sum: the threads fill counts
+    return round(sum(counts) / wall, 1)
+
+
+def _run_threads(loop, n: int) -> float:
+    """``loop(k)`` on ``n`` threads at once, k = 0..n-1; returns the wall seconds until all ended."""
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return round(sum(counts) / (time.perf_counter() - start), 1)
+    return time.perf_counter() - start
 
 
 def handler_ceiling(model_dir: Path, batching: bool, callers: int, seconds: float = 3.0, texts=SENTENCES) -> dict:
@@ -244,15 +250,10 @@ def _handler_calls(handler, model, bodies: list, callers: int, seconds: float) -
         except Exception as exc:  # noqa: BLE001 - reported below, in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(callers)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wall = _run_threads(loop, callers)
     if errors:
         raise RuntimeError(f"the handler failed without HTTP: {type(errors[0]).__name__}: {errors[0]}")
-    return sum(counts), time.perf_counter() - start
+    return sum(counts), wall
 
 
 def _handler_only(workdir: str, clients: int, seconds: float, texts) -> dict:

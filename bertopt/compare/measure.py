@@ -116,10 +116,8 @@ class Peak:
         return max(self.before["gflops"], (self.after or self.before)["gflops"])
 
     def flops_for(self, v, cpu_gflops: Optional[float] = None) -> Optional[float]:
-        """The peak a row is a fraction of. A CPU row whose own type the CPU runs slower than fp32
-        (no native kernel: fp16 on an AMD EPYC, 1.0 against 196 GFLOP/s for fp32) is measured
-        against the fp32 peak: runtimes compute such a model in fp32 there (ort-fp16 ran as fast as
-        ort-fp32), and against its own type's figure it read 12,153% of peak."""
+        """The peak a row is a fraction of; a CPU type slower than fp32 here (fp16 without a native
+        kernel: runtimes compute it in fp32; it read 12,153% of its own peak) against fp32's."""
         if v.device == "cuda":  # fp32 rows run with TF32 off (torch default, ORT use_tf32=0, TensorRT flag cleared)
             return gm.peak_for(v.precision, self.gpu)[0]
         fp32 = (cpu_gflops or self.before["gflops"]) * 1e9
@@ -133,7 +131,7 @@ class Peak:
         return sorted(t for t, e in self.cpu_types.items() if e.get("gflops") and e["gflops"] < self.before["gflops"])
 
     def cpu_types_record(self) -> dict:
-        """``cpu_types`` as results.json holds them: a type below fp32 says ``rows_measured_against: fp32``."""
+        """``cpu_types`` for results.json: a type below fp32 says ``rows_measured_against: fp32``."""
         below = self.cpu_types_below_fp32()
         return {t: {**e, **({"rows_measured_against": "fp32"} if t in below else {})} for t, e in self.cpu_types.items()}
 
