@@ -313,6 +313,48 @@ def test_resolve_model_sources(tmp_path, saved):
     assert (torch_dir.backend, torch_dir.label_names) == ("torch", LABELS)
 
 
+def _latency_results(saved, optimize_for="throughput", p50s=(3.70, 2.45)):
+    """results.json rows: ov-int8 recommended for throughput, ort-int8 faster one request at a time."""
+    onnx_dir = saved / "onnx" / "baseline"
+
+    def row(name, backend, registry, p50):
+        return {"name": name, "status": "ok", "backend": backend, "precision": "int8", "source": "baseline",
+                "device": "cpu", "registry": registry, "latency": {"e2e_ms": {"p50": p50}}}
+    rows = [row("ov-int8", "openvino", "ov-int8", p50s[0]), row("ort-int8", "onnxruntime", "ort-int8", p50s[1]),
+            row("ort-fp32", "onnxruntime", "ort-fp32", 1.0), row("trt-fp16", "tensorrt", "trt-fp16", 0.2)]
+    return {"config": {"optimize_for": optimize_for}, "variants": rows,
+            "eligibility": [{"variant": r["name"], "eligible": r["name"] != "ort-fp32"} for r in rows],
+            "recommendation": {"variant": "ov-int8", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
+                               "device": "cpu", "path": str(onnx_dir / "model.onnx"), "model_dir": str(onnx_dir)}}
+
+
+def test_a_throughput_pick_that_is_slower_one_request_at_a_time_is_called_out(tmp_path, saved, monkeypatch):
+    """A real-time endpoint answers one request at a time per worker: a deploy of compare's throughput
+    pick says when another eligible row had a clearly lower single-request p50, and how to switch."""
+    from bertopt.aws import choice
+
+    note = choice.latency_note(_latency_results(saved))
+    assert "ort-int8 took 2.45 ms p50 against 3.70 ms (1.51x)" in note      # not ort-fp32 (ineligible), not TensorRT
+    assert "--report-only --optimize-for latency" in note and note.endswith("--variant ort-int8")
+    assert choice.latency_note(_latency_results(saved, "latency")) is None   # already chosen by latency
+    assert choice.latency_note(_latency_results(saved, p50s=(2.60, 2.45))) is None  # within 10%: no note
+    warnings = []
+    monkeypatch.setattr(choice.log, "warning", lambda fmt, *a: warnings.append(fmt % a))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "results.json").write_text(json.dumps(_latency_results(saved)))
+    local = cfg_for(tmp_path, saved, model_path=None)
+    resolve_model(local)                                                       # local micro-batching: throughput is right
+    assert warnings == []
+    resolve_model(cfg_for(tmp_path, saved, model_path=None, batching=False))   # one request at a time
+    assert len(warnings) == 1 and "ort-int8 took 2.45 ms" in warnings[0]
+    from bertopt.aws.config import AwsDeployConfig
+
+    resolve_model(AwsDeployConfig(output_dir=local.output_dir, reports_dir=local.reports_dir, quiet=True,
+                                  aws_account_id="123456789012", aws_role_arn="arn:aws:iam::123456789012:role/R",
+                                  aws_region="us-east-1"))                     # a SageMaker endpoint
+    assert len(warnings) == 2 and warnings[1] == warnings[0]
+
+
 def _variant_cfg(tmp_path, saved, variant, **kw):
     from bertopt.aws.config import AwsDeployConfig
 

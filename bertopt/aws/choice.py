@@ -22,6 +22,7 @@ FILE_BACKENDS = ("onnxruntime", "openvino")  # backends served from one model fi
 TORCH_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 TORCH_ALIASES = ("torch", "pytorch", "torch-fp32", "pt")
+LATENCY_MARGIN = 1.10   # latency_note: the lowest-latency row must be this much faster at p50 than the pick
 
 
 @dataclass
@@ -241,6 +242,9 @@ def _from_recommendation(cfg) -> ModelChoice:
     if rec.get("device") == "cuda" and not getattr(cfg, "gpu", False):
         raise PipelineError(f"{what} was measured on cuda; deploy it on a GPU --instance-type (e.g. ml.g5.xlarge) "
                             "or choose a CPU variant with --variant (or re-run compare.py --target cpu)")
+    note = None if getattr(cfg, "local", False) and getattr(cfg, "batching", True) else latency_note(results)
+    if note:
+        log.warning("%s", note)
     metrics = (manifest or {}).get("metrics") or {}
     return ModelChoice(variant=rec.get("variant") or (_variant_from_file(model_path) if backend in FILE_BACKENDS
                                                       else "torch-fp32"),
@@ -252,6 +256,40 @@ def _from_recommendation(cfg) -> ModelChoice:
                        devices=tuple((entry or {}).get("devices") or (("cpu", "cuda") if backend == "torch" else ("cpu",))),
                        # what is deployed, not the whole results.json (re-measuring must not force a re-deploy)
                        inputs={str(model_path): identity, "variant": rec.get("variant")})
+
+
+def latency_note(results: dict) -> Optional[str]:
+    """For a recommendation chosen by throughput (batched passes over the eval set): the eligible
+    row with the lowest single-request p50, when it beats the recommendation by LATENCY_MARGIN. A
+    SageMaker real-time endpoint's model server hands each worker one request at a time, so that is
+    its speed (AMD EPYC: ov-int8 recommended at 3.70 ms p50, ort-int8 2.45 ms)."""
+    if (results.get("config") or {}).get("optimize_for", "throughput") != "throughput":
+        return None
+    eligible = {v.get("variant") for v in results.get("eligibility") or [] if v.get("eligible")}
+    p50 = {r["name"]: _p50(r) for r in results.get("variants") or [] if r.get("name") in eligible and _deployable(r)}
+    p50 = {name: v for name, v in p50.items() if v}
+    chosen = (results.get("recommendation") or {}).get("variant")
+    if chosen not in p50:
+        return None
+    best = min(p50, key=p50.get)
+    if p50[chosen] < LATENCY_MARGIN * p50[best]:
+        return None
+    row = next(r for r in results["variants"] if r["name"] == best)
+    by_flag = row.get("source") == "baseline" and (row.get("backend") in FILE_BACKENDS or best in TORCH_ALIASES)
+    return (f"{chosen} is compare's pick for throughput (batched passes over the eval set); a real-time endpoint "
+            f"answers one request at a time per worker, where {best} took {p50[best]:.2f} ms p50 against "
+            f"{p50[chosen]:.2f} ms ({p50[chosen] / p50[best]:.2f}x): `python compare.py --report-only --optimize-for "
+            f"latency` re-chooses from the same measurements" + (f", or deploy it with --variant {best}" if by_flag else ""))
+
+
+def _p50(row: dict) -> Optional[float]:
+    value = ((row.get("latency") or {}).get("e2e_ms") or {}).get("p50")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _deployable(row: dict) -> bool:
+    spec = registry.REGISTRY.get(row.get("registry") or "")
+    return spec.deployable if spec is not None else row.get("backend") in ("torch",) + FILE_BACKENDS
 
 
 def resolve_model(cfg) -> ModelChoice:
