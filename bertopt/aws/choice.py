@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import artifacts
+from .. import results as results_mod
 from .. import variants as registry
 from ..errors import ConfigError, MissingArtifact, ModelError, PipelineError
 
@@ -263,12 +264,12 @@ def latency_note(results: dict) -> Optional[str]:
     row with the lowest single-request p50, when it beats the recommendation by LATENCY_MARGIN. A
     SageMaker real-time endpoint's model server hands each worker one request at a time, so that is
     its speed (AMD EPYC: ov-int8 recommended at 3.70 ms p50, ort-int8 2.45 ms)."""
-    if (results.get("config") or {}).get("optimize_for", "throughput") != "throughput":
+    if results_mod.get(results, "config", "optimize_for", default="throughput") != "throughput":
         return None
     eligible = {v.get("variant") for v in results.get("eligibility") or [] if v.get("eligible")}
     p50 = {r["name"]: _p50(r) for r in results.get("variants") or [] if r.get("name") in eligible and _deployable(r)}
     p50 = {name: v for name, v in p50.items() if v}
-    chosen = (results.get("recommendation") or {}).get("variant")
+    chosen = results_mod.get(results, "recommendation", "variant")
     if chosen not in p50:
         return None
     best = min(p50, key=p50.get)
@@ -283,7 +284,7 @@ def latency_note(results: dict) -> Optional[str]:
 
 
 def _p50(row: dict) -> Optional[float]:
-    value = ((row.get("latency") or {}).get("e2e_ms") or {}).get("p50")
+    value = results_mod.get(row, "latency", "e2e_ms", "p50")
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
