@@ -121,6 +121,27 @@ def _umask() -> int:
     return mask
 
 
+def save_model(model, tokenizer, directory: str | os.PathLike) -> None:
+    """``save_pretrained`` of a model and its tokenizer, with every file's mode as the umask gives
+    any other artifact: the safetensors writer renames a ``mkstemp`` file into place, which leaves
+    ``model.safetensors`` at 0600, and a model copied into a container or read by another user then
+    fails to load."""
+    directory = Path(directory)
+    before = {p: p.stat().st_mtime_ns for p in directory.iterdir()} if directory.is_dir() else {}
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    share_new_files(directory, before)
+
+
+def share_new_files(directory: str | os.PathLike, before: dict | None = None) -> None:
+    """Give files written since ``before`` (path -> mtime) that only their owner can read the mode
+    the umask gives new files (0644 under the usual 022)."""
+    mode = 0o666 & ~_umask()
+    for p in Path(directory).iterdir():
+        if p.is_file() and (before or {}).get(p) != p.stat().st_mtime_ns and p.stat().st_mode & 0o077 == 0:
+            os.chmod(p, mode)
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -207,6 +207,8 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
         info["reason"] = f"not runnable on this CPU, accuracy not measured ({exc})"
         return info
     info["devices"] = ["cpu"] + info["devices"]
+    if getattr(pred, "inference_precision", None):  # OpenVINO: the float precision it compiled to
+        info["inference_precision"] = pred.inference_precision
     shapes = ex.compare_logits(ref.torch_shape_logits, ref.logits(pred, ref.shape_batches, f"{name} shapes"))
     eval_logits = ref.logits(pred, ref.eval_set[0], f"{name} eval")
     on_eval = ex.compare_logits(ref.torch_eval_logits, eval_logits)
@@ -312,6 +314,8 @@ def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, bui
 
     spec = variants.by_key("onnx", name)
     if not spec.builder:
+        if not (out_dir / spec.built_from).is_file():  # ov-int8-bf16 reads ov-int8's IR
+            raise ex.VariantUnavailable(f"it runs {spec.built_from}, which this run did not build")
         return {"from_file": spec.built_from}
     module, attr = spec.builder.split(":")
     return getattr(importlib.import_module(module), attr)(cfg, ref, out_dir, spec, built)
@@ -452,7 +456,7 @@ def add_args(parser, standalone: bool = False) -> None:
              "(default: every trained stage with a finished manifest)")
     add("--opset", type=int, metavar="N", help=f"ONNX opset, {ex.MIN_OPSET}..{MAX_TORCHSCRIPT_OPSET} (default: {{default}})")
     add("--variants", metavar="A,B", help="variants to build besides model.onnx (default: {default}; "
-                                          "ov-* need requirements-openvino.txt, else they are skipped)")
+                                          "ov-* need openvino + nncf (in requirements.txt on x86-64/arm64), else they are skipped)")
     add("--onnx-accuracy-budget", type=float, metavar="X",
         help="reduced-precision variants losing more accuracy than this (absolute, vs their FP32 source) are "
              "marked rejected (default: {default}; compare.py's --accuracy-budget is the recommendation's)")

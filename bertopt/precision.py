@@ -36,6 +36,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+NATIVE_CPU_MATH = {"bf16": ("amx_bf16", "avx512_bf16")}
+
+
+def cpu_math_support(kind: str) -> tuple[bool, str]:
+    """Whether this CPU has native ``kind`` (bf16) matmul, with the evidence (its /proc/cpuinfo
+    flags): a bf16 inference row elsewhere would measure an emulation, so it is skipped instead."""
+    wanted = NATIVE_CPU_MATH[kind]
+    found = sorted(cpu_flags() & set(wanted))
+    if found:
+        return True, f"CPU has native {kind} math ({', '.join(found)})"
+    return False, (f"this CPU has no native {kind} math (none of {', '.join(wanted)} in its flags): a {kind} row "
+                   "would measure an emulation")
+
+
 # `amp` on CPU picks bf16 only where it is measurably faster than fp32 here: native bf16 flags are
 # not enough (AVX512-BF16 without AMX measured 0.77x fp32 training on a Xeon, 2.1x on an AMD EPYC)
 AMP_MIN_SPEEDUP = 1.1

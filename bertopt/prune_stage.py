@@ -192,8 +192,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
         trained = training.train(pruned, train_loader, eval_loader, cfg, device, plan, loss_fn=loss_fn)
 
         pruned.to("cpu")
-        pruned.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        artifacts.save_model(pruned, tokenizer, directory)
         artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
         best = trained.metrics["best_eval_accuracy"]
         metrics = dict(

@@ -254,9 +254,19 @@ class TensorRTPredictor:
 
 
 # ----------------------------------------------------------------------------- OpenVINO
+# OpenVINO's inference precision per row precision. OpenVINO's own default on a CPU with native bf16
+# math (AMX, and AVX512-BF16 too: seen on an AMD EPYC) is bf16, which would silently turn the f32
+# parity row into a bf16 row, so every row says what it runs: fp32 forces f32, bf16 (the ov-bf16
+# row, built only where the CPU has native bf16 math) asks for bf16, and an INT8 model's float
+# remainder (softmax, layer norms, the matmuls NNCF leaves in float) runs f32 in ov-int8 and bf16 in
+# ov-int8-bf16 (a row of its own: on the EPYC it read 0.8612 against 0.8624 on SST-2 dev, one text).
+# What was compiled is read back (``inference_precision``).
+OV_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
 class OpenVinoPredictor:
-    """An OpenVINO CPU model compiled from ``model.onnx`` (FP32, f32 inference precision forced, so
-    a CPU with bf16/AMX does not silently change the numerics) or from NNCF-quantized IR (INT8).
+    """An OpenVINO CPU model compiled from ``model.onnx`` (FP32 with f32 inference precision forced,
+    or BF16) or from NNCF-quantized IR (INT8): see :data:`OV_INFERENCE_PRECISION`.
     Imports openvino lazily; without it BackendUnavailable names the requirements file.
 
     Safe to call from several threads at once (a server's batch runners or HTTP threads): each
@@ -269,7 +279,7 @@ class OpenVinoPredictor:
     backend = "openvino"
 
     def __init__(self, path, *, name: str = "ov-fp32", precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, streams: int = 1):
+                 threads: int | None = None, streams: int = 1, float_precision: str | None = None):
         from pathlib import Path
 
         from .errors import BackendUnavailable, ModelError, first_line
@@ -277,12 +287,16 @@ class OpenVinoPredictor:
         try:
             import openvino as ov
         except ImportError:
-            raise BackendUnavailable("openvino is not installed (pip install -r requirements-openvino.txt)") from None
+            raise BackendUnavailable("openvino is not installed (pip install -r requirements.txt installs it on "
+                                     "x86-64 and arm64)") from None
         self.path, self.name, self.precision, self.device = Path(path), name, precision, "cpu"
         if not self.path.is_file():
             raise ModelError(f"OpenVINO model not found: {self.path} (run `python onnx_tensorrt.py` to create it)")
-        streams = max(1, int(streams))
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        streams = self.streams = max(1, int(streams))
+        config = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        hint = float_precision or OV_INFERENCE_PRECISION.get(precision)
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
         if streams > 1:
             config["NUM_STREAMS"] = streams
         if threads:
@@ -292,6 +306,7 @@ class OpenVinoPredictor:
         except Exception as exc:  # openvino raises RuntimeError subclasses with multi-line text
             raise ModelError(f"cannot load {self.path} with openvino: {first_line(exc)}"
                              " (re-create it with `python onnx_tensorrt.py --force`)") from None
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._local = threading.local()  # this thread's InferRequest
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
         self._output = self.compiled.outputs[0]
@@ -318,7 +333,10 @@ class OpenVinoPredictor:
 
 
 # ----------------------------------------------------------------------------- factory
-def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: int | None = None):
+def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: int | None = None,
+             streams: int = 1):
+    """An ONNX Runtime session; ``streams`` > 1 needs nothing more than ``threads=1``: the session
+    is thread-safe and its callers' threads run their calls side by side."""
     from .errors import ConfigError
 
     if device not in DEVICE_PROVIDERS:
@@ -327,13 +345,16 @@ def open_ort(path, *, name: str, precision: str, device: str = "cpu", threads: i
                         precision=precision)
 
 
-def open_tensorrt(path, *, name: str, precision: str, device: str = "cuda", threads: int | None = None):
+def open_tensorrt(path, *, name: str, precision: str, device: str = "cuda", threads: int | None = None,
+                  streams: int = 1):
     return TensorRTPredictor(path, name=name, precision=precision, device=device if device.startswith("cuda") else "cuda")
 
 
-def open_predictor(spec, path, *, device: str | None = None, threads: int | None = None, name: str | None = None):
+def open_predictor(spec, path, *, device: str | None = None, threads: int | None = None, name: str | None = None,
+                   streams: int = 1):
     """The Predictor of a registered variant (:class:`bertopt.variants.VariantSpec` or its row
-    name) whose artifact is ``path`` (a model directory for torch, else the variant's file)."""
+    name) whose artifact is ``path`` (a model directory for torch, else the variant's file);
+    ``streams`` > 1 opens it for that many concurrent calls (:mod:`bertopt.throughput`)."""
     import importlib
 
     from . import variants
@@ -342,8 +363,11 @@ def open_predictor(spec, path, *, device: str | None = None, threads: int | None
         spec = variants.get(spec)
     module, attr = spec.opener.split(":")
     opener = getattr(importlib.import_module(module), attr)
+    extra = {"streams": int(streams)} if streams and int(streams) > 1 else {}
+    if spec.float_math:  # e.g. ov-bf16: its float math in bf16
+        extra["float_precision"] = spec.float_math
     return opener(path, name=name or spec.name, precision=spec.precision, device=device or spec.devices[0],
-                  threads=threads)
+                  threads=threads, **extra)
 
 
 def open_from_dict(d: dict):

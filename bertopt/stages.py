@@ -101,8 +101,8 @@ def _onnx_pipeline_defaults(ns, running: set) -> dict:
 
 
 ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
-                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), OpenVINO FP32/INT8 "
-                      "(with requirements-openvino.txt), TensorRT engines (skipped without an NVIDIA GPU)",
+                      "ONNX export + parity, ONNX Runtime variants (fused, INT8, INT4, FP16, QDQ), OpenVINO FP32/BF16/INT8 "
+                      "(OpenVINO rows where its wheels exist), TensorRT engines (skipped without an NVIDIA GPU)",
                       _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"),
                       pipeline_defaults=_onnx_pipeline_defaults)
 COMPARE = Stage("compare", "compare.py",

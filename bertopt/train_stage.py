@@ -167,8 +167,7 @@ def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, 
     from . import checkpoints
 
     model.to("cpu")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    artifacts.save_model(model, tokenizer, directory)
     metrics = dict(result.metrics, **counts, **summary, train_rows=len(splits.train), eval_rows=len(splits.eval),
                    mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
     artifacts.atomic_write_json(directory / "labels.json", splits.label_names)

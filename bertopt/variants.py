@@ -32,6 +32,8 @@ class VariantSpec:
     fp32_parity: bool = False   # must match PyTorch within --parity-tolerance (else the stage fails)
     batch_dependent: bool = False  # activations quantized at run time, per batch: what shares a batch
                                    # changes a text's prediction (compare measures batch-1 accuracy)
+    float_math: Optional[str] = None  # its float math runs in this (bf16): needs the CPU's native math for
+                                      # it (skipped with the reason elsewhere); the opener is told
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -39,7 +41,14 @@ class VariantSpec:
         return tuple(t for t, d in (("cpu", "cpu"), ("gpu", "cuda")) if d in self.devices)
 
     def available(self) -> tuple[bool, Optional[str]]:
-        """(True, None), or (False, why) when the backend's optional module is not installed."""
+        """(True, None), or (False, why) when the backend's optional module is not installed or the
+        CPU lacks the native math the variant is about (bf16 on a CPU without AMX/AVX512-BF16)."""
+        if self.float_math:
+            from .precision import cpu_math_support
+
+            ok, why = cpu_math_support(self.float_math)
+            if not ok:
+                return False, why
         if not self.needs:
             return True, None
         import importlib.util
@@ -55,7 +64,7 @@ class VariantSpec:
 
 _ORT = "bertopt.runtimes:open_ort"
 _BUILD = "bertopt.onnx_stage:"
-OV_HINT = "pip install -r requirements-openvino.txt"
+OV_HINT = "pip install -r requirements.txt: in the default install on x86-64 and arm64"
 
 REGISTRY: dict[str, VariantSpec] = {}
 
@@ -99,14 +108,23 @@ for _spec in (
                 "bertopt.runtimes:open_tensorrt", "model.fp16.onnx", needs="tensorrt"),
     VariantSpec("trt-int8", "int8", "tensorrt", "int8", "tensorrt", "model.int8.plan", ("cuda",),
                 "bertopt.runtimes:open_tensorrt", "model.qdq.onnx", needs="tensorrt"),
-    # OpenVINO (Intel CPUs; optional extra): FP32 reads model.onnx as it is, INT8 is NNCF
-    # post-training quantization of it, saved as OpenVINO IR (model.ov-int8.xml + .bin)
+    # OpenVINO (x86-64/arm64 CPUs): FP32 reads model.onnx as it is with f32 inference precision
+    # forced (the parity row), BF16 the same file with bf16 inference precision (only where the CPU
+    # has native bf16 math: AMX or AVX512-BF16), INT8 is NNCF post-training quantization of it,
+    # saved as OpenVINO IR (model.ov-int8.xml + .bin)
     VariantSpec("ov-fp32", "ov-fp32", "openvino", "fp32", "onnx", "model.onnx", ("cpu",),
                 "bertopt.runtimes:OpenVinoPredictor", "model.onnx", needs="openvino",
                 install_hint=OV_HINT, deployable=True, fp32_parity=False),
+    VariantSpec("ov-bf16", "ov-bf16", "openvino", "bf16", "onnx", "model.onnx", ("cpu",),
+                "bertopt.runtimes:OpenVinoPredictor", "model.onnx", needs="openvino",
+                install_hint=OV_HINT, deployable=True, float_math="bf16"),
     VariantSpec("ov-int8", "ov-int8", "openvino", "int8", "onnx", "model.ov-int8.xml", ("cpu",),
                 "bertopt.runtimes:OpenVinoPredictor", "model.onnx",
                 _BUILD + "build_ov_int8", needs="nncf", install_hint=OV_HINT, deployable=True),
+    # the same IR with its float remainder in bf16 (a row of its own: one text differs on SST-2 dev)
+    VariantSpec("ov-int8-bf16", "ov-int8-bf16", "openvino", "int8", "onnx", "model.ov-int8.xml", ("cpu",),
+                "bertopt.runtimes:OpenVinoPredictor", "model.ov-int8.xml", needs="nncf", install_hint=OV_HINT,
+                deployable=True, float_math="bf16"),
 ):
     register(_spec)
 

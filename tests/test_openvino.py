@@ -1,6 +1,6 @@
 """The OpenVINO backend, added through the variant registry alone: FP32 from model.onnx, INT8 by
 NNCF. Both sides are covered: with the module hidden (rows 'skipped' with the reason) and, where
-requirements-openvino.txt is installed (CI installs it), built, checked and measured."""
+requirements.txt is installed (CI installs it), built, checked and measured."""
 import json
 import os
 import shutil
@@ -55,11 +55,11 @@ def test_without_openvino_variants_are_skipped_with_the_reason(hide_openvino, bu
     tmp_path = built
     m = json.loads((tmp_path / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]
     for key in ("ov-fp32", "ov-int8"):
-        assert m[key]["status"] == "skipped" and "requirements-openvino.txt" in m[key]["reason"], m[key]
+        assert m[key]["status"] == "skipped" and "requirements.txt" in m[key]["reason"], m[key]
     assert not (tmp_path / "onnx" / "baseline" / "model.ov-int8.xml").exists()
     rows = {v.name: v for v in discover(tmp_path, "cpu")[0]}
     assert rows["ov-int8"].status == "skipped" and "openvino" in rows["ov-int8"].reason.lower()
-    with pytest.raises(BackendUnavailable, match="requirements-openvino.txt"):
+    with pytest.raises(BackendUnavailable, match="requirements.txt"):
         OpenVinoPredictor(tmp_path / "onnx" / "baseline" / "model.onnx")
 
 
@@ -205,9 +205,9 @@ def test_compare_and_the_report_show_the_openvino_rows(request, installed):
             assert name in html
     else:
         for name in ("ov-fp32", "ov-int8"):
-            assert by[name]["status"] == "skipped" and "requirements-openvino.txt" in by[name]["reason"]
+            assert by[name]["status"] == "skipped" and "requirements.txt" in by[name]["reason"]
             assert f"- {name} (skipped):" in summary
-        assert "requirements-openvino.txt" in html
+        assert "requirements.txt" in html
 
 
 def _in_threads(fn, n: int) -> None:

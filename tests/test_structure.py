@@ -32,7 +32,7 @@ def test_a_spec_whose_module_is_missing_is_unavailable_with_the_hint(monkeypatch
 
     monkeypatch.setitem(sys.modules, "openvino", None)
     ok, why = variants.get("ov-fp32").available()
-    assert not ok and "requirements-openvino.txt" in why
+    assert not ok and "requirements.txt" in why
     assert variants.get("ort-int8").available() == (True, None)
 
 

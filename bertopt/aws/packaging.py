@@ -183,7 +183,18 @@ def serving_settings(choice: ModelChoice, cfg) -> dict:
             # micro-batching (-1 = off); the SageMaker container's environment sets its own (instances.py)
             "batch_wait_ms": float(cfg.batch_wait_ms) if getattr(cfg, "batching", True) else -1.0,
             "batch_max_texts": int(getattr(cfg, "batch_max_texts", 64)),
-            "device": "cuda" if getattr(cfg, "gpu", False) else "cpu", **_task_settings(choice, cfg)}
+            "device": "cuda" if getattr(cfg, "gpu", False) else "cpu", **_float_math(choice),
+            **_task_settings(choice, cfg)}
+
+
+def _float_math(choice: ModelChoice) -> dict:
+    """``float_math`` of the served row's registry entry (ov-bf16 / ov-int8-bf16: bf16), so the
+    handler compiles the model as compare measured it."""
+    from .. import variants
+
+    spec = variants.REGISTRY.get(choice.variant) or next(
+        (s for s in variants.REGISTRY.values() if choice.variant.endswith("-" + s.name)), None)
+    return {"float_math": spec.float_math} if spec is not None and spec.float_math else {}
 
 
 def _task_settings(choice: ModelChoice, cfg) -> dict:

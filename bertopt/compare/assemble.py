@@ -122,7 +122,8 @@ def _measured(s: Setup, o: Opened, v, peak: Peak, sweep: Sweep, e2e: EndToEnd, l
                          "batch_size": bsz, "batch_size_reason": why, "texts": len(s.texts),
                          "real_tokens": int(sum(s.lengths)),
                          "batching": (f"data order, padded to {PADDED_LENGTH}" if padded
-                                      else "length-sorted batches, dynamic padding")}
+                                      else "length-sorted batches, dynamic padding"),
+                         "mode": e2e.modes.get(v.name, {"mode": "one call", "streams": 1})}
     if padded:
         row["throughput"]["padded_tokens"] = len(s.texts) * PADDED_LENGTH
     row["latency"] = {"e2e_ms": bm.percentiles(lat.e2e, scale=1000), "model_ms": bm.percentiles(lat.model, scale=1000),
@@ -232,6 +233,7 @@ def _protocol_facts(s: Setup, sweep: Sweep, e2e: EndToEnd, phases: Phases) -> di
             "e2e_seq_for_batch_choice": e2e.e2e_seq, "interleaving": "round-robin, rotating start each round",
             "timer": "time.perf_counter (CUDA events + synchronisation for GPU rows)",
             "reference": {"name": REFERENCE, "pad_to": PADDED_LENGTH, "batch_size": PADDED_BATCH},
+            "streams": e2e.streams,
             "rounds_recorded": {"end_to_end": e2e.rounds, "sweep_cells": sweep.rounds,
                                 "end_to_end_dominated_after": e2e.dominated},
             "wall_s": None, "retried_rounds": phases.retried}

@@ -17,10 +17,11 @@ from .. import gpu_measure as gm
 from ..config import CommonConfig
 from ..errors import PipelineError
 from ..logs import progress
-from .assemble import _baseline_accuracy, _environment, _loadavg, _rescale_cpu_efficiency, _results, assemble_rows
+from .assemble import _environment, _loadavg, _rescale_cpu_efficiency, _results, assemble_rows
 from .config import BASELINE_ROW, PADDED_BATCH, PADDED_LENGTH, REFERENCE, CompareConfig
+from . import streams
 from .discover import discover
-from .recommend import recommend
+from .memory import memory_probes, probe_names
 from .workloads import LatencyTask, _inputs_for, classify_texts, single_request
 
 log = logging.getLogger("bertopt.compare")
@@ -159,6 +160,8 @@ class EndToEnd:
     rounds: int
     dominated: dict = field(default_factory=dict)  # row -> the round after which it was not timed again
     first_pass_s: dict = field(default_factory=dict)  # row -> seconds of its first (untimed-for-the-table) pass
+    modes: dict = field(default_factory=dict)  # row -> e2e_mode: one call at a time or N streams (streams.py)
+    streams: dict = field(default_factory=dict)  # the throughput-mode plan (protocol.streams)
 
 
 class Phases:
@@ -202,7 +205,7 @@ def measure(cfg: CompareConfig) -> dict:
     single = batch1_accuracy(s, o)
     phases.done("batch1_accuracy")
     rows = assemble_rows(s, o, peak, sweep, e2e, lat_tasks, single, memory={})
-    memory = memory_probes(s, o, e2e, sweep, _probe_names(s, rows))
+    memory = memory_probes(s, o, e2e, sweep, probe_names(s, rows))
     phases.done("memory")
     peak.after = bm.matmul_peak(s.threads, sizes=s.proto["matmul_sizes"])
     phases.done("matmul_peak_after")
@@ -372,43 +375,50 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
     chosen, e2e_seq, mean_len = _e2e_batches(s, o, sweep)
     _drop_unfit(s, o, chosen)
     predictions, consistent = {}, {}
+    plan = streams.open_stream_predictors(o.live, s.threads)
 
-    def task(v):
-        p, bsz = o.preds[v.name], chosen[v.name][0]
-
+    def task(v, key, p, n):
         def go():
-            y = classify_texts(p, s.tokenizer, s.texts, batch_size=bsz, max_length=s.max_length, with_tt=s.with_tt,
-                               pad_to=s.pad_to(v), **s.text_kwargs)
-            if v.name in predictions:
-                consistent[v.name] = consistent.get(v.name, True) and bool(np.array_equal(predictions[v.name], y))
-            predictions[v.name] = y
+            y = classify_texts(p, s.tokenizer, s.texts, batch_size=chosen[v.name][0], max_length=s.max_length,
+                               with_tt=s.with_tt, pad_to=s.pad_to(v), streams=n, **s.text_kwargs)
+            if key in predictions:
+                consistent[key] = consistent.get(key, True) and bool(np.array_equal(predictions[key], y))
+            predictions[key] = y
         return go
 
-    first = _first_passes(s, o, chosen)
-    log.info("end to end: %d texts x %d variants x %d repeats", len(s.texts), len(o.live), s.proto["repeats"])
-    bar = progress(total=len(o.live) * s.proto["repeats"], desc="end to end", unit="pass")
+    tasks = {v.name: task(v, v.name, o.preds[v.name], 1) for v in o.live}
+    tasks.update({v.name + streams.TAG: task(v, v.name + streams.TAG, plan.preds[v.name], plan.n)
+                  for v in o.live if v.name in plan.preds})
+    first = _first_passes(s, o, chosen, plan)
+    log.info("end to end: %d texts x %d variants (%d also in %d streams) x %d repeats", len(s.texts), len(o.live),
+             len(plan.preds), plan.n, s.proto["repeats"])
+    bar = progress(total=len(tasks) * s.proto["repeats"], desc="end to end", unit="pass")
     stats: dict = {}
-    times = bm.run_interleaved({v.name: task(v) for v in o.live}, s.proto["repeats"], warmup=0,
+    times = bm.run_interleaved(tasks, s.proto["repeats"], warmup=0,
                                progress=lambda n, r: bar.update(1), settle_s=s.proto["settle_s"], guard=s.guard,
                                stats=stats, **_adaptive(s.proto))
     bar.close()
     _log_early_stop("end to end", stats, s.proto["repeats"])
+    modes = streams.choose(times, predictions, plan)
+    for key in [k for k in consistent if k.endswith(streams.TAG)]:
+        row = key[:-len(streams.TAG)]
+        consistent[row] = consistent.get(row, True) and consistent.pop(key)
     phases.done("end_to_end", stats)
     return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0,
-                    stats.get("dominated") or {}, first)
+                    stats.get("dominated") or {}, first, modes, plan.record())
 
 
-def _first_passes(s: Setup, o: Opened, chosen: dict) -> dict:
-    """The warm-up before the timed passes. A dynamically padded row runs the whole eval set once,
-    so no timed pass meets an input shape for the first time (OpenVINO compiles kernels for each
-    new shape, ~10-60 ms apiece); that first pass is timed and returned (``first_use``). The padded
-    reference runs a slice: its shapes never change, and its full pass is long. Further warm-up
-    rounds (``--warmup`` > 1) run the slice."""
+def _first_passes(s: Setup, o: Opened, chosen: dict, plan) -> dict:
+    """The warm-up before the timed passes. A dynamically padded row runs the whole eval set once
+    (and once more in its throughput mode), so no timed pass meets an input shape for the first
+    time (OpenVINO compiles kernels for each new shape, ~10-60 ms apiece); that first pass is timed
+    and returned (``first_use``). The padded reference runs a slice: its shapes never change, and
+    its full pass is long. Further warm-up rounds (``--warmup`` > 1) run the slice."""
     warm_texts = s.texts[:min(len(s.texts), 2 * PADDED_BATCH)]
 
-    def run(v, texts):
-        classify_texts(o.preds[v.name], s.tokenizer, texts, batch_size=chosen[v.name][0], max_length=s.max_length,
-                       with_tt=s.with_tt, pad_to=s.pad_to(v),
+    def run(v, texts, p, n=1):
+        classify_texts(p, s.tokenizer, texts, batch_size=chosen[v.name][0], max_length=s.max_length,
+                       with_tt=s.with_tt, pad_to=s.pad_to(v), streams=n,
                        **dict(s.text_kwargs, pairs=s.pairs[:len(texts)] if s.pairs else None))
 
     first = {}
@@ -416,10 +426,12 @@ def _first_passes(s: Setup, o: Opened, chosen: dict) -> dict:
         full = v.batching != "padded"
         if full:
             t0 = time.perf_counter()
-            run(v, s.texts)
+            run(v, s.texts, o.preds[v.name])
             first[v.name] = time.perf_counter() - t0
+        if v.name in plan.preds:
+            run(v, s.texts, plan.preds[v.name], plan.n)
         for _ in range(max(s.proto["warmup"], 1) - full):
-            run(v, warm_texts)
+            run(v, warm_texts, o.preds[v.name])
     return first
 
 
@@ -468,33 +480,3 @@ def batch1_accuracy(s: Setup, o: Opened) -> dict:
     return {v.name: classify_texts(o.preds[v.name], s.tokenizer, s.texts, batch_size=1, max_length=s.max_length,
                                    with_tt=s.with_tt, **s.text_kwargs)
             for v in progress(rows, desc="batch-1 accuracy", unit="variant")}
-
-
-def _probe_names(s: Setup, rows: list[dict]) -> list[str]:
-    """The rows whose peak memory and load time a fresh process measures: all of them (full
-    protocol), or only those the recommendation can choose from (fast protocol)."""
-    if s.cfg.skip_memory:
-        return []
-    names = [r["name"] for r in rows if r["status"] == "ok"]
-    if not s.proto.get("memory_only_eligible"):
-        return names
-    baseline = _baseline_accuracy(s, {r["name"]: r for r in rows})
-    _, _, verdicts = recommend(rows, baseline, optimize_for=s.cfg.optimize_for, target=s.cfg.target,
-                               accuracy_budget=s.cfg.accuracy_budget)
-    eligible = {x["variant"] for x in verdicts if x["eligible"]}
-    return [n for n in names if n in eligible]
-
-
-def memory_probes(s: Setup, o: Opened, e2e: EndToEnd, sweep: Sweep, names: list[str]) -> dict:
-    """Peak memory + load time, one fresh process per row in ``names``."""
-    memory: dict[str, dict] = {}
-    max_pos = modeling.max_positions(s.base_config)
-    vocab = int(getattr(s.base_config, "vocab_size", 30522))
-    for v in progress([v for v in o.live if v.name in names], desc="memory", unit="variant"):
-        spec = {"factory": "bertopt.runtimes:open_from_dict", "predictor": v.spec(s.threads),
-                "batch": e2e.batch[v.name][0], "seq": min(s.max_length, max_pos), "vocab_size": vocab,
-                "with_token_type_ids": s.with_tt, "device": v.device, "runs": 2}
-        memory[v.name] = bm.fresh_process_memory(spec, env={"OMP_NUM_THREADS": str(s.threads)})
-        if "error" in memory[v.name]:
-            log.warning("%s: memory probe failed: %s", v.name, memory[v.name]["error"])
-    return memory

@@ -14,7 +14,7 @@ from .config import EFFICIENCY_CELL
 
 CSV_COLUMNS = [
     "name", "status", "reason", "backend", "precision", "source", "device", "threads", "batching",
-    "e2e_batch_size", "size_bytes", "accuracy", "accuracy_delta", "e2e_samples_per_s", "e2e_samples_per_s_min",
+    "e2e_batch_size", "e2e_mode", "e2e_streams", "size_bytes", "accuracy", "accuracy_delta", "e2e_samples_per_s", "e2e_samples_per_s_min",
     "e2e_samples_per_s_max", "speedup_vs_padded", "latency_e2e_p50_ms", "latency_e2e_p90_ms", "latency_e2e_p99_ms",
     "latency_e2e_mean_ms", "latency_model_p50_ms", "latency_model_p90_ms", "latency_model_p99_ms",
     "latency_model_mean_ms", "peak_rss_mb", "load_time_s", "cuda_max_allocated_mb", "e2e_gflops",
@@ -31,6 +31,7 @@ def csv_rows(results: dict) -> list[dict]:
             "name": r["name"], "status": r["status"], "reason": r.get("reason") or "", "backend": r["backend"],
             "precision": r["precision"], "source": r["source"], "device": r["device"], "threads": r.get("threads"),
             "batching": r.get("batching"), "e2e_batch_size": _get(r, "throughput", "batch_size"),
+            "e2e_mode": _get(r, "throughput", "mode", "mode"), "e2e_streams": _get(r, "throughput", "mode", "streams"),
             "size_bytes": r.get("size_bytes"), "accuracy": r.get("accuracy"), "accuracy_delta": r.get("accuracy_delta"),
             "e2e_samples_per_s": _get(r, "throughput", "samples_per_s", "median"),
             "e2e_samples_per_s_min": _get(r, "throughput", "samples_per_s", "min"),
@@ -75,9 +76,16 @@ def _peaks_label(hardware: dict, fp32: dict) -> str:
     return ", ".join(parts) + " GFLOP/s" + (" (each row against its own compute type)" if others else "")
 
 
+def _mode_label(mode) -> str:
+    """'2 streams' or '1 call' (the end-to-end figure's mode), '-' before schema fields existed."""
+    if not mode:
+        return "-"
+    return f"{mode.get('streams')} streams" if mode.get("mode") == "streams" else "1 call"
+
+
 def summary_table(results: dict) -> str:
     """The headline table (markdown, readable as plain text in a terminal)."""
-    head = ["variant", "backend", "precision", "device", f"{metric_name(results)} % (Δ pts)", "e2e samples/s (min–max)", "× padded",
+    head = ["variant", "backend", "precision", "device", f"{metric_name(results)} % (Δ pts)", "e2e samples/s (min–max)", "e2e mode", "× padded",
             "p50 / p99 ms", "model p50 ms", "size MB", "peak RSS MB", "% peak @32×128"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     rec = (results.get("recommendation") or {}).get("variant")
@@ -93,6 +101,7 @@ def summary_table(results: dict) -> str:
         lines.append("| " + " | ".join([
             name, r["backend"], r["precision"], r["device"], accs,
             "-" if not tp else f"{tp['median']:.1f} ({tp['min']:.1f}–{tp['max']:.1f})",
+            _mode_label(_get(r, "throughput", "mode")),
             _fmt(r.get("speedup_vs_padded"), ".2f") + ("×" if r.get("speedup_vs_padded") else ""),
             "-" if not _get(r, "latency", "e2e_ms") else
             f"{r['latency']['e2e_ms']['p50']:.2f} / {r['latency']['e2e_ms']['p99']:.2f}",

@@ -14,12 +14,21 @@ def _inputs_for(predictor, batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in names} if names else batch
 
 
+def _run_batches(predictor, batches: list, streams: int):
+    """Each batch's logits, in order; ``streams`` > 1 runs that many calls at once
+    (:mod:`bertopt.throughput`; the predictor must be opened for it)."""
+    from ..throughput import map_batches
+
+    return map_batches(lambda b: predictor.predict_logits(_inputs_for(predictor, b)), batches, streams)
+
+
 def classify_texts(predictor, tokenizer, texts, *, batch_size: int, max_length: int, with_tt: bool,
                    pad_to: Optional[int] = None, pairs=None, long_text: str = "truncate", stride=None,
-                   task: Optional[str] = None) -> np.ndarray:
+                   task: Optional[str] = None, streams: int = 1) -> np.ndarray:
     """Texts in, label ids out (tokenization included). ``pad_to`` set = the naive reference:
     batches in data order, every input padded to ``pad_to``. Otherwise length-sorted batches
-    with dynamic padding, predictions returned in input order.
+    with dynamic padding, predictions returned in input order; ``streams`` > 1 runs that many of
+    them at once (throughput mode), with the same batches and so the same predictions.
 
     Sentence ``pairs`` and ``long_text`` head-tail/chunk (windows aggregated per text) go through
     :func:`text_scores`; a ``task`` (not plain accuracy-scored classification) returns each text's
@@ -29,7 +38,7 @@ def classify_texts(predictor, tokenizer, texts, *, batch_size: int, max_length: 
     if task is not None or pairs is not None or long_text != "truncate":
         scores = text_scores(predictor, tokenizer, texts, batch_size=batch_size, max_length=max_length,
                              with_tt=with_tt, pad_to=pad_to, pairs=pairs, long_text=long_text, stride=stride,
-                             task=task)
+                             task=task, streams=streams)
         return scores if task is not None else scores.argmax(-1)
     n = len(texts)
     preds = np.empty(n, dtype=np.int64)
@@ -43,16 +52,16 @@ def classify_texts(predictor, tokenizer, texts, *, batch_size: int, max_length: 
     ids = tokenize(texts, tokenizer, max_length)
     order = np.argsort([-len(s) for s in ids], kind="stable")
     pad_id = tokenizer.pad_token_id or 0
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        batch = pad_batch([ids[i] for i in idx], pad_id, with_tt)
-        preds[idx] = predictor.predict_logits(_inputs_for(predictor, batch)).argmax(-1)
+    idxs = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    batches = [pad_batch([ids[i] for i in idx], pad_id, with_tt) for idx in idxs]
+    for idx, logits in zip(idxs, _run_batches(predictor, batches, streams)):
+        preds[idx] = logits.argmax(-1)
     return preds
 
 
 def text_scores(predictor, tokenizer, texts, *, batch_size: int, max_length: int, with_tt: bool,
                 pad_to: Optional[int] = None, pairs=None, long_text: str = "truncate", stride=None,
-                task: Optional[str] = None) -> np.ndarray:
+                task: Optional[str] = None, streams: int = 1) -> np.ndarray:
     """Per-text logits for pairs and long-text strategies (chunk windows: mean, max for multi-label)."""
     from ..data import encode, pad_batch
     from ..metrics import aggregate
@@ -61,10 +70,10 @@ def text_scores(predictor, tokenizer, texts, *, batch_size: int, max_length: int
     order = np.arange(len(ids)) if pad_to else np.argsort([-len(s) for s in ids], kind="stable")
     pad_id, sep = tokenizer.pad_token_id or 0, tokenizer.sep_token_id if pairs is not None else None
     out = None
-    for start in range(0, len(ids), batch_size):
-        idx = order[start:start + batch_size]
-        batch = pad_batch([ids[i] for i in idx], pad_id, with_tt, pad_to=pad_to, sep_id=sep)
-        logits = np.asarray(predictor.predict_logits(_inputs_for(predictor, batch)), dtype=np.float64)
+    idxs = [order[start:start + batch_size] for start in range(0, len(ids), batch_size)]
+    batches = [pad_batch([ids[i] for i in idx], pad_id, with_tt, pad_to=pad_to, sep_id=sep) for idx in idxs]
+    for idx, raw in zip(idxs, _run_batches(predictor, batches, streams)):
+        logits = np.asarray(raw, dtype=np.float64)
         if out is None:
             out = np.empty((len(ids), logits.shape[1]), dtype=np.float64)
         out[idx] = logits

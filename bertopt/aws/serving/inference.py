@@ -260,7 +260,8 @@ def _make_predictor(model_dir: str, settings: dict):
         s = {**DEFAULTS, **settings}
         streams = max(int(s["model_streams"]), int(s["batch_runners"]) if float(s["batch_wait_ms"]) >= 0 else 1)
         return _runtimes.OpenVinoPredictor(path, name=name or "ov-fp32", precision=settings.get("precision", "fp32"),
-                                           threads=_threads(), streams=streams)
+                                           threads=_threads(), streams=streams,
+                                           float_precision=settings.get("float_math"))
     if backend == "torch":
         device = "cpu"
         if settings.get("device") == "cuda":
