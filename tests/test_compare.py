@@ -516,3 +516,32 @@ def test_a_slow_first_use_is_called_out_once_in_a_sentence():
     one_slow = first_use(0.5, [0.5], SimpleNamespace(first=[0.002] * 98 + [0.02] * 2, e2e=[0.002] * 100))
     assert one_slow["request_p99_vs_warm"] > 1.5 and first_use_note({"name": "x", "first_use": one_slow}) is None
     assert first_use(None, [0.5], lat) is None
+
+
+def test_quick_end_to_end_times_both_modes_and_records_the_stream_count(tiny_pipeline, tmp_path, monkeypatch):
+    import compare
+
+    monkeypatch.setenv("BERTOPT_STREAMS", "2")
+    reports = tmp_path / "reports"
+    argv = ["--output-dir", str(tiny_pipeline), "--reports-dir", str(reports), "--quick", "--quiet", "--skip-memory",
+            "--sweep-batches", "8", "--sweep-seqs", "16", "--latency-requests", "3", "--threads", "1"]
+    assert compare.main(argv) == 0
+    res = json.loads((reports / "results.json").read_text())
+    plan = res["protocol"]["streams"]
+    assert plan["n"] == 2 and plan["chosen_by"] == "set by BERTOPT_STREAMS=2"
+    assert set(plan["rows"]) == {"ort-fp32", "ort-int8"} and "process-wide" in plan["refused"]["torch-fp32"]
+    by = {r["name"]: r for r in res["variants"] if r["status"] == "ok"}
+    for name in ("ort-fp32", "ort-int8"):
+        mode = by[name]["throughput"]["mode"]
+        assert mode["mode"] in ("one call", "streams") and mode["same_predictions"] is True
+        assert mode["streams"] == (2 if mode["mode"] == "streams" else 1)
+        assert mode["one_call_median_s"] > 0 and mode["streams_median_s"] > 0
+        chosen = min(mode["one_call_median_s"], mode["streams_median_s"])
+        assert by[name]["throughput"]["seconds"]["median"] == pytest.approx(chosen)
+    assert by["torch-fp32"]["throughput"]["mode"]["mode"] == "one call"
+    html = (reports / "performance_report.html").read_text()
+    assert "e2e mode" in html and "N = 2, set by BERTOPT_STREAMS=2" in html
+    assert "e2e mode" in (reports / "summary.md").read_text()
+    monkeypatch.setenv("BERTOPT_STREAMS", "many")
+    assert compare.main(argv) == 1  # a bad value: one line, nothing rewritten
+    assert json.loads((reports / "results.json").read_text())["created"] == res["created"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import CommonConfig
+from ..errors import PipelineError
 
 OPTIMIZE_FOR = ("throughput", "latency")
 TARGETS = ("cpu", "gpu")
@@ -88,6 +89,12 @@ class CompareConfig(CommonConfig):
             p.append(f"--optimize-for must be throughput or latency (got {self.optimize_for!r})")
         if self.target not in TARGETS:
             p.append(f"--target must be cpu or gpu (got {self.target!r})")
+        try:  # the throughput mode's stream count (an environment setting; see bertopt.throughput)
+            from ..throughput import host_streams
+
+            host_streams(1)
+        except PipelineError as exc:
+            p.append(str(exc))
         if not isinstance(self.accuracy_budget, (int, float)) or not (0 <= self.accuracy_budget < 1):
             p.append(f"--accuracy-budget must be a fraction in [0, 1), e.g. 0.01 = 1 point "
                      f"(got {self.accuracy_budget!r})")
