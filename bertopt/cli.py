@@ -39,13 +39,17 @@ class StageResult:
 
 
 def _optional_count(text: str):
-    """'all' -> 0 (use everything; the config maps 0 to None), else an int."""
+    """'all' -> 'all' (use everything; the config maps it to None), else a positive int. 0 is refused:
+    it used to mean 'all', so a typo for a small number silently trained on every row."""
     if str(text).lower() in ("all", "none"):
-        return 0
+        return "all"
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all' (every row), got {text!r}")
+    return value
 
 
 def positive(kind=float):
