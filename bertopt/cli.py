@@ -189,6 +189,8 @@ def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
     a("--pin-memory", type=_bool, metavar="BOOL", help="pin DataLoader memory (default: true on CUDA)")
     a("--force", action="store_true", default=None, help="re-run even if the output is up to date")
     a("--quiet", action="store_true", default=None, help="no progress bars or info logs")
+    a("--wait", action="store_true", default=None,
+      help="when another run is writing the same stage output, wait for it instead of refusing")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ class CommonConfig:
     pin_memory: Optional[bool] = None
     force: bool = False
     quiet: bool = False
+    wait: bool = False  # another run holds the stage output's lock: wait instead of refusing
     no_header: bool = False
     task: Optional[str] = None  # None = detected from the labels
     metric: Optional[str] = None  # None = the task's GLUE-convention default
@@ -100,7 +101,7 @@ class CommonConfig:
 
 
 # fields that do not change what a stage produces (excluded from the skip fingerprint)
-NON_RESULT_FIELDS = {"force", "quiet", "output_dir", "reports_dir", "num_workers", "pin_memory",
+NON_RESULT_FIELDS = {"force", "quiet", "wait", "output_dir", "reports_dir", "num_workers", "pin_memory",
                      # checkpointing and live curves: a resumed run ends with the same weights
                      "save_every", "save_total_limit", "resume", "report_to"}
 REPORT_TO = ("none", "tensorboard")
