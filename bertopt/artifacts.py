@@ -312,10 +312,12 @@ class StageRun:
         return suppressed
 
     def finish(self, *, status: str, config: dict, **kwargs) -> dict:
-        """Write the manifest last; an "ok"/"skipped" run is then swapped into place."""
+        """Write the manifest last; the run is then swapped into place, except a "failed" one
+        over a previous "ok" output (that stays; the failed manifest waits in the working dir)."""
         self.manifest = write_manifest(self.directory, stage=self.stage, status=status, config=config,
                                        fingerprint=self.fingerprint, **kwargs)
-        if status != "failed" and not self._replace.committed:
+        previous = read_manifest(self.final) or {}
+        if not self._replace.committed and (status != "failed" or previous.get("status") != "ok"):
             self.directory = self._replace.commit()
         return self.manifest
 

@@ -398,7 +398,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         if failed:
             raise ex.ExportError(f"onnx/{source.name}: FP32 variant(s) {', '.join(failed)} failed: "
                                  + "; ".join(variants_[n]["reason"] for n in failed)
-                                 + f" (details in {artifacts.manifest_path(out_dir)})")
+                                 + f" (details in {artifacts.manifest_path(run_.directory)})")
     return manifest, False
 
 
