@@ -137,3 +137,74 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_stays_healthy(endpoint):
     assert http(endpoint.url, "/ping", None, content_type=None, method="GET")[0] == 200
     ok, _, answer = http(endpoint.url, "/invocations", b'{"inputs": ["a fine film"]}')
     assert ok == 200 and len(json.loads(answer)) == 1
+
+
+# ------------------------------------------------------------------------------------ both answer shapes
+MMS_REFUSAL = {"code": 400, "type": "InternalServerException", "message": "9 texts in one request; the limit is 8"}
+
+
+def test_refusals_read_in_the_local_and_the_sagemaker_shape():
+    from bertopt.aws import answers
+
+    local = answers.refusal(json.dumps({"error": "9 texts in one request; the limit is 8", "status": 413}))
+    mms = answers.refusal(json.dumps(MMS_REFUSAL).encode())
+    assert local == {"status": 413, "message": "9 texts in one request; the limit is 8", "shape": "local"}
+    assert mms["status"] == 400 and mms["shape"] == "sagemaker" and mms["message"] == local["message"]
+    assert answers.refusal("[1, 2]") is None and answers.refusal(b"\xff") is None
+    assert answers.describe(502, b"<html>bad gateway</html>") == "HTTP 502: <html>bad gateway</html>"
+    assert all(answers.SAGEMAKER_STATUS[code] == 400 for code in (400, 406, 413, 415))
+
+
+def test_the_load_test_reports_a_refusals_reason_in_both_shapes(endpoint):
+    import http.server
+
+    from bertopt.aws import loadtest
+
+    step = loadtest.open_loop(endpoint.url, rate=20, seconds=0.2, clients=2, texts=["y" * 201])
+    assert step["errors"] == step["requests"] and step["status_counts"] == {"413": step["requests"]}
+    assert step["first_errors"][0] == "HTTP 413: input 0 has 201 characters; the limit is 200"
+
+    class Mms(http.server.BaseHTTPRequestHandler):  # what the SageMaker HF container answers instead
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(MMS_REFUSAL).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mms)
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        step = loadtest.open_loop(f"http://127.0.0.1:{server.server_port}", rate=20, seconds=0.2, clients=2)
+    finally:
+        server.shutdown()
+    assert step["status_counts"] == {"400": step["requests"]}
+    assert step["first_errors"][0] == "HTTP 400: 9 texts in one request; the limit is 8"
+
+
+def test_the_smoke_test_names_the_reason_of_a_sagemaker_refusal(monkeypatch):
+    import boto3
+    from botocore.stub import Stubber
+
+    from bertopt.aws import smoke
+    from bertopt.aws.session import Aws
+    from bertopt.errors import PipelineError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    rt = boto3.client("sagemaker-runtime", region_name="us-east-1")
+    stub = Stubber(rt)
+    stub.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424,
+                          service_message="Received client error (400) from primary",
+                          modeled_fields={"OriginalStatusCode": 400, "OriginalMessage": json.dumps(MMS_REFUSAL)})
+    stub.activate()
+    aws = Aws("us-east-1", clients={"sagemaker-runtime": rt})
+    with pytest.raises(PipelineError, match=r"refused the request: HTTP 400: 9 texts in one request; the limit is 8"):
+        smoke.smoke_test(aws, "ep", ["negative", "positive"])
