@@ -9,6 +9,7 @@ them). Until then the previous complete output stays where it was and stays vali
 owns only some files of a shared directory (compare's reports/) builds those files in the working
 directory and moves them in one by one at commit, the manifest last (``owned=`` names them).
 
+A shared directory's stage keeps both inside it (``reports/.compare.work``, ``reports/.compare.lock``).
 ``.FINAL.lock`` guards the output: ``fcntl.flock`` is released by the kernel when its holder dies, so
 a lock whose file still names a process (a SIGKILLed run never clears it) is taken over with a log
 line; a live holder makes a second run refuse at once with one line naming its pid (``wait=True``
@@ -143,9 +144,9 @@ def _alive(pid: int) -> bool:
 class OutputLock:
     """An exclusive lock on one stage output (a sibling ``.NAME.lock`` file holding the owner)."""
 
-    def __init__(self, final, what: str, wait: bool = False):
+    def __init__(self, final, what: str, wait: bool = False, path: Optional[Path] = None):
         self.final, self.what, self.wait = Path(final), what, wait
-        self.path = sibling(self.final, LOCK_SUFFIX)
+        self.path = Path(path) if path else sibling(self.final, LOCK_SUFFIX)
         self._fd: Optional[int] = None
 
     def _holder(self, fd: int) -> dict:
@@ -274,10 +275,15 @@ class Replacement:
     def __init__(self, final, fp: str, what: str, *, wait: bool = False, owned: Optional[Iterable[str]] = None,
                  manifest: str = "manifest.json", carry: Iterable[str] = ()):
         self.final, self.fp, self.what = Path(final), fp, what
-        self.work = sibling(self.final, WORK_SUFFIX)
         self.owned = tuple(owned) if owned is not None else None
         self.manifest, self.carry = manifest, tuple(carry)
-        self.lock = OutputLock(self.final, what, wait)
+        self.need: Optional[int] = None  # roughly what the run writes (for the disk-full message)
+        if self.owned is None:
+            self.work = sibling(self.final, WORK_SUFFIX)
+            self.lock = OutputLock(self.final, what, wait)
+        else:  # a shared dir (reports/): the stage's working dir and lock live inside it
+            self.work = self.final / f".{what}{WORK_SUFFIX}"
+            self.lock = OutputLock(self.final, what, wait, path=self.final / f".{what}{LOCK_SUFFIX}")
         self.committed = False
         self.resumed = False
 

@@ -94,7 +94,8 @@ def _train_args(model: str, data: str, out: Path, **over) -> list[str]:
 def _digest(directory: Path) -> dict:
     """Every file's sha256 (the stage log aside, which a rerun appends to)."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != artifacts.STAGE_LOG}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != artifacts.STAGE_LOG
+            and not any(part.startswith(".") for part in p.relative_to(directory).parts)}
 
 
 def _onnx_cfg(out: Path, **kw):
@@ -228,7 +229,7 @@ def test_a_killed_compare_leaves_the_previous_report(tmp_path, pipeline):
     job = _run(cmd + ["--force"], ROOT, _env(**env, KILL_IN_OUTPUTS=1))
     assert job.returncode == -signal.SIGKILL, job.stdout[-3000:]
     assert _digest(reports) == before  # the previous report, its manifest and the other file, as they were
-    work = staging.sibling(reports, staging.WORK_SUFFIX)
+    work = reports / ".compare.work"  # a shared dir: the working dir and the lock live inside it
     assert (work / "results.json").is_file() and (work / "results.csv").read_text() == "partial\n"
 
     job = _run(cmd + ["--force"], ROOT, _clean_env(env))  # a finished run replaces only compare's files
