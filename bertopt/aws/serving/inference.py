@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -244,8 +243,7 @@ def _providers(settings: dict):
 
 
 def _threads():
-    value = os.environ.get("BERTOPT_THREADS")
-    return int(value) if value else None
+    return int(os.environ["BERTOPT_THREADS"]) if os.environ.get("BERTOPT_THREADS") else None
 
 
 def _make_predictor(model_dir: str, settings: dict):
@@ -381,57 +379,15 @@ def _check_texts(texts, top_k=0) -> list:
     out = Texts(texts)
     out.top_k = top_k
     for i, t in enumerate(texts):
+        if (bad := _data.bad_code_point(t)):  # a lone surrogate or NUL: refused, naming the input
+            raise RequestError(400, f"input {i} contains {bad}; send valid Unicode text")
         if isinstance(t, tuple):
             continue
         if not isinstance(t, str):
             raise RequestError(400, f"input {i} is {type(t).__name__}, expected a string")
         if not t.strip():
             raise RequestError(400, f"input {i} is empty")
-    for i, t in enumerate(texts):
-        for part in (t if isinstance(t, tuple) else (t,)):
-            _check_code_points(i, part)
     return out
-
-
-MAX_JSON_DEPTH = 16  # a request is at most {"inputs": [{"text": ...}], "parameters": {...}}: depth 3
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_JSON_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-def _json_depth(text: str) -> int:
-    """The deepest nesting of arrays/objects in ``text`` (strings skipped), counted without decoding."""
-    depth = deepest = 0
-    for m in _JSON_BRACKETS.finditer(_JSON_STRING.sub('""', text)):
-        depth += 1 if m.group() in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _decode_json(text: str):
-    """json.loads with the client's mistakes as 400s: nesting capped before decoding (Python's
-    decoder recurses), malformed text, numbers beyond the int-digits limit."""
-    depth = _json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise RequestError(400, f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise RequestError(400, f"malformed JSON: {str(exc).splitlines()[0][:200]}") from None
-
-
-_BAD_CODE_POINTS = re.compile("[\ud800-\udfff\x00]")
-
-
-def _check_code_points(i: int, text: str) -> None:
-    """Refuse what the tokenizer cannot take or would silently drop: a lone UTF-16 surrogate
-    (only a JSON \\uD800-style escape can produce one) and NUL, naming the input and position."""
-    m = _BAD_CODE_POINTS.search(text)
-    if m:
-        what = "NUL" if m.group() == "\x00" else "a lone UTF-16 surrogate"
-        raise RequestError(400, f"input {i} contains {what} (U+{ord(m.group()):04X}) at character {m.start()}; "
-                                "send valid Unicode text")
 
 
 def input_fn(input_data, content_type):
@@ -441,7 +397,10 @@ def input_fn(input_data, content_type):
         text = _as_text(input_data)
         if not text.strip():
             raise RequestError(400, "empty request body")
-        payload = _decode_json(text)
+        try:  # nesting capped before decoding; huge integers and recursion refused (issue #35)
+            payload = _data.decode_request_json(text)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
         if payload == {"describe": True}:  # what the endpoint serves from (the deploy's smoke test asks)
             return DESCRIBE
         if not isinstance(payload, dict) or "inputs" not in payload:
