@@ -90,7 +90,7 @@ def check_free(directory, need_bytes: Optional[int], what: str, keeps: Optional[
 
 
 def _full_message(directory, what: str, need: Optional[int], free: Optional[int], keeps: Optional[Path]) -> str:
-    kept = f"; the previous output {keeps} is untouched" if keeps else ""
+    kept = f"; the previous output {keeps} is untouched" if keeps and Path(keeps).exists() else ""
     return (f"no space left on the device of {directory} for {what} (the stage needs about {human(need)}, "
             f"{human(free)} free): free some space or choose another --output-dir/--reports-dir{kept}")
 
@@ -343,7 +343,10 @@ class Replacement:
         return self.final
 
     def close(self, failed: bool = False) -> None:
-        if failed and not self.committed:
+        if failed and not self.committed and not self.resumed and self.work.is_dir() and not any(
+                p.name not in (MARKER, *self.carry) for p in self.work.iterdir()):
+            _rmtree(self.work)  # failed before writing anything (a config error): nothing to keep
+        elif failed and not self.committed:
             prev = "the previous output " + str(self.final) + " is untouched" if (
                 (self.final / self.manifest).is_file()) else f"{self.final} has no complete output yet"
             log.warning("%s run did not finish: %s; its partial files are in %s", self.what, prev, self.work)

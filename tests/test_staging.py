@@ -101,7 +101,7 @@ def _digest(directory: Path) -> dict:
 def _onnx_cfg(out: Path, **kw):
     from bertopt.onnx_stage import OnnxConfig
 
-    return OnnxConfig(output_dir=str(out), quiet=True, variants="fp32", calibration_samples=16, **kw)
+    return OnnxConfig(**{"output_dir": str(out), "quiet": True, "variants": "fp32", "calibration_samples": 16, **kw})
 
 
 @pytest.fixture()
@@ -336,8 +336,10 @@ def test_a_cli_stage_on_a_full_disk_exits_1_with_one_line(tmp_path, trained_tiny
     shutil.copytree(trained_tiny / "baseline", tmp_path / "baseline")
     monkeypatch.setattr(staging, "free_bytes", lambda directory: 10)
     assert onnx_tensorrt.main(["--output-dir", str(tmp_path), "--variants", "fp32", "--quiet"]) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: no space left") and "onnx" in err[0]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: no space left") and "Traceback" not in err
+    assert "onnx" in lines[0] and "needs about" in lines[0] and "untouched" not in lines[0]  # nothing before
     assert not (tmp_path / "onnx" / "baseline").exists()
 
 
