@@ -214,7 +214,7 @@ def _prepare_dir(cfg: TrainConfig, stage: str, directory, fp: str, ctx, splits):
     curves) to resume from. Returns (rank 0's Replacement or None, the working dir, the checkpoint
     to resume from or None) on every rank."""
     from . import checkpoints, distributed, staging
-    from .errors import ConfigError
+    from .errors import ConfigError, PipelineError
 
     replacement, work, found, problem = None, None, None, None
     if ctx.is_main:
@@ -229,8 +229,8 @@ def _prepare_dir(cfg: TrainConfig, stage: str, directory, fp: str, ctx, splits):
             problem = str(exc)
         except BaseException as exc:
             replacement.close()
-            if ctx.enabled:  # the other ranks wait in the broadcast below
-                problem = f"{type(exc).__name__}: {exc}"
+            if ctx.enabled:  # the other ranks wait in the broadcast below: every rank stops with this line
+                problem = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             else:
                 raise
         if problem:
