@@ -81,7 +81,7 @@ def _check_url(url: str, allow_remote: bool = False):
     return parts
 
 
-def _send(conn, texts, errors: list | None = None):
+def _send(conn, texts):
     body = json.dumps({"inputs": texts})
     conn.request("POST", "/invocations", body=body,
                  headers={"Content-Type": "application/json", "Accept": "application/json"})
@@ -89,10 +89,10 @@ def _send(conn, texts, errors: list | None = None):
     data = resp.read()
     if resp.status == 200 and len(json.loads(data)) != len(texts):
         return -1  # a wrong answer counts as an error
-    if resp.status != 200 and errors is not None and len(errors) < 5:
+    if resp.status != 200:
         from .answers import describe  # the local {"error"} or SageMaker's {"code","type","message"}
 
-        errors.append(describe(resp.status, data))
+        conn.refusal = describe(resp.status, data)  # the client loop keeps the first few
     return resp.status
 
 
@@ -120,7 +120,10 @@ def open_loop(url: str, rate: float, seconds: float, clients: int = 16, texts_pe
                 time.sleep(due - now)
             body = [texts[(i * texts_per_request + k) % len(texts)] for k in range(texts_per_request)]
             try:
-                status[i] = _send(conn, body, errors)
+                status[i] = _send(conn, body)
+                if getattr(conn, "refusal", None) and len(errors) < 5:
+                    errors.append(conn.refusal)
+                    conn.refusal = None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 status[i] = -2
                 if len(errors) < 5:
