@@ -1,11 +1,12 @@
 """The only module that knows the layout of saved_models/ and reports/ (every file name stages
 hand each other; variant files are named in :mod:`bertopt.variants`), the manifest format, and
-the stage lifecycle (:func:`stage_run`: fingerprint -> skip-if-current -> begin -> clear -> log
--> manifest).
+the stage lifecycle (:func:`stage_run`: fingerprint -> skip-if-current -> lock -> working dir -> log
+-> manifest -> swap, through :mod:`bertopt.staging`).
 
 A stage directory is complete only when it holds ``manifest.json``; the manifest is written
-last and atomically (temp file + rename, with the umask's permissions), so a stage killed
-half-way leaves a directory that no downstream stage accepts.
+last and atomically (temp file + rename, with the umask's permissions) into a working directory
+beside the output, which is then swapped into place: a stage killed half-way leaves the previous
+complete output where it was, and a working directory that no downstream stage reads.
 """
 from __future__ import annotations
 
@@ -281,39 +282,64 @@ def list_files(directory: str | os.PathLike) -> list[str]:
 class StageRun:
     """One run of a stage over one directory: the lifecycle every stage shares.
 
-    ``run = stage_run(dir, "onnx", fp, force=cfg.force)``; ``run.current`` is the existing
-    manifest when it matches the fingerprint (the stage is up to date: return it). Otherwise
-    ``with run:`` drops the old manifest, checks the directory is writable, clears it (``clear``
-    and ``keep``, or ``remove`` = only these names), and logs into ``<dir>/stage.log`` (``log_as``);
-    ``run.finish(...)`` writes the manifest last (stage and fingerprint filled in)."""
+    ``run = stage_run(dir, "onnx", fp, force=cfg.force, wait=cfg.wait)``; ``run.current`` is the
+    existing manifest when it matches the fingerprint (the stage is up to date: return it).
+    Otherwise ``with run:`` locks the output (a second run refuses, or waits with ``wait``), builds
+    in a sibling working directory ``run.directory`` (bertopt.staging) that it logs into
+    (``<work>/stage.log``, ``log_as``); ``run.finish(...)`` writes the manifest there last and swaps
+    the directory into place (status "failed" leaves the previous output instead). ``remove`` names
+    the only files this stage owns in a shared directory (compare's reports/): they are replaced
+    one by one, the manifest last. A disk-full error becomes one DiskFull line (``need_bytes``
+    sizes the up-front check and the message)."""
 
     def __init__(self, directory, stage: str, fp: str, *, force: bool = False, clear: bool = True,
-                 remove: Iterable[str] = (), log_as: str | None = None):
-        self.directory, self.stage, self.fingerprint = Path(directory), stage, fp
-        self.clear, self.remove, self.log_as = clear, tuple(remove), log_as or stage
-        self.current = None if force else is_current(self.directory, fp)
+                 remove: Iterable[str] = (), log_as: str | None = None, wait: bool = False,
+                 need_bytes: int | None = None):
+        from . import staging
+
+        self.final, self.stage, self.fingerprint = Path(directory), stage, fp
+        self.directory = self.final  # the working directory once entered, the final one after commit
+        self.log_as, self.need_bytes = log_as or stage, need_bytes
+        self.current = None if force else is_current(self.final, fp)
         self.manifest: dict | None = None
         self._logging = None
+        self._replace = staging.Replacement(self.final, fp, self.log_as, wait=wait, owned=tuple(remove) or None,
+                                            manifest=MANIFEST, carry=(STAGE_LOG,))
 
     def __enter__(self) -> "StageRun":
+        from . import staging
         from .logs import stage_logging
 
-        begin_stage(self.directory)
-        if self.remove:
-            for name in self.remove:
-                (self.directory / name).unlink(missing_ok=True)
-        elif self.clear:
-            clear_dir(self.directory)
-        self._logging = stage_logging(self.log_as, self.directory)
-        self._logging.__enter__()
+        self.directory = self._replace.open()
+        try:
+            staging.check_free(self.directory, self.need_bytes, f"the {self.log_as} output", keeps=self.final)
+            self._logging = stage_logging(self.log_as, self.directory)
+            self._logging.__enter__()
+        except BaseException:
+            self._replace.close(failed=True)
+            raise
         return self
 
-    def __exit__(self, *exc) -> bool:
-        return bool(self._logging.__exit__(*exc))
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from . import staging
+
+        try:
+            suppressed = bool(self._logging.__exit__(exc_type, exc, tb))
+        finally:
+            self._replace.close(failed=exc is not None)
+        if exc is not None and not suppressed and staging.is_disk_full(exc) and not isinstance(exc, PipelineError):
+            with staging.disk_errors(self._replace.work, f"the {self.log_as} output", self.need_bytes, self.final):
+                raise exc
+        return suppressed
 
     def finish(self, *, status: str, config: dict, **kwargs) -> dict:
+        """Write the manifest last; the run is then swapped into place, except a "failed" one
+        over a previous "ok" output (that stays; the failed manifest waits in the working dir)."""
         self.manifest = write_manifest(self.directory, stage=self.stage, status=status, config=config,
                                        fingerprint=self.fingerprint, **kwargs)
+        previous = read_manifest(self.final) or {}
+        if not self._replace.committed and (status != "failed" or previous.get("status") != "ok"):
+            self.directory = self._replace.commit()
         return self.manifest
 
 

@@ -39,13 +39,17 @@ class StageResult:
 
 
 def _optional_count(text: str):
-    """'all' -> 0 (use everything; the config maps 0 to None), else an int."""
+    """'all' -> 'all' (use everything; the config maps it to None), else a positive int. 0 is refused:
+    it used to mean 'all', so a typo for a small number silently trained on every row."""
     if str(text).lower() in ("all", "none"):
-        return 0
+        return "all"
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all' (every row), got {text!r}")
+    return value
 
 
 def positive(kind=float):
@@ -185,6 +189,8 @@ def add_common_args(parser: argparse.ArgumentParser, defaults=None) -> None:
     a("--pin-memory", type=_bool, metavar="BOOL", help="pin DataLoader memory (default: true on CUDA)")
     a("--force", action="store_true", default=None, help="re-run even if the output is up to date")
     a("--quiet", action="store_true", default=None, help="no progress bars or info logs")
+    a("--wait", action="store_true", default=None,
+      help="when another run is writing the same stage output, wait for it instead of refusing")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:

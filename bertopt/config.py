@@ -48,6 +48,7 @@ class CommonConfig:
     pin_memory: Optional[bool] = None
     force: bool = False
     quiet: bool = False
+    wait: bool = False  # another run holds the stage output's lock: wait instead of refusing
     no_header: bool = False
     task: Optional[str] = None  # None = detected from the labels
     metric: Optional[str] = None  # None = the task's GLUE-convention default
@@ -55,8 +56,8 @@ class CommonConfig:
     stride: Optional[int] = None  # chunk overlap in tokens; None = max_length // 4
 
     def __post_init__(self):
-        for name in ("max_train_samples", "max_eval_samples"):  # 0 / 'all' = everything
-            if getattr(self, name) == 0:
+        for name in ("max_train_samples", "max_eval_samples"):  # 'all' = everything (0 is an error)
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("all", "none"):
                 setattr(self, name, None)
         problems = self.problems()
         if problems:
@@ -74,7 +75,7 @@ class CommonConfig:
             positive(name)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 p.append(f"{flag(name)} must be a positive integer or 'all' (got {value!r})")
         if not self.model:
             p.append("--model must name a hub id or a local directory")
@@ -100,7 +101,7 @@ class CommonConfig:
 
 
 # fields that do not change what a stage produces (excluded from the skip fingerprint)
-NON_RESULT_FIELDS = {"force", "quiet", "output_dir", "reports_dir", "num_workers", "pin_memory",
+NON_RESULT_FIELDS = {"force", "quiet", "wait", "output_dir", "reports_dir", "num_workers", "pin_memory",
                      # checkpointing and live curves: a resumed run ends with the same weights
                      "save_every", "save_total_limit", "resume", "report_to"}
 REPORT_TO = ("none", "tensorboard")
@@ -200,7 +201,7 @@ class PruneConfig(TrainConfig):
     distill_temperature: float = 2.0
 
     def __post_init__(self):
-        if self.sensitivity_samples == 0:  # 'all'
+        if isinstance(self.sensitivity_samples, str) and self.sensitivity_samples.lower() in ("all", "none"):
             self.sensitivity_samples = None
         super().__post_init__()
 

@@ -3,9 +3,11 @@ seeded subsets, tokenization (long-text strategies) and length-grouped, dynamica
 Task types and label mapping live in :mod:`bertopt.tasks`."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -406,3 +408,46 @@ def make_loader(ds: EncodedDataset, batch_size: int, *, shuffle: bool, seed: int
     return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad_id, with_token_type_ids, sep_id),
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- request texts (serving)
+MAX_JSON_DEPTH = 16  # a request is at most {"inputs": [{"text": ...}], "parameters": {...}}: depth 3
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+_BAD_CODE_POINTS = re.compile("[\ud800-\udfff\x00]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays/objects in JSON ``text`` (strings skipped), without decoding."""
+    depth = deepest = 0
+    for m in _JSON_BRACKETS.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def decode_request_json(text: str, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads for a client's request: ValueError with a short reason for nesting deeper than
+    ``max_depth`` (checked before decoding: Python's decoder recurses), malformed text, and numbers
+    past Python's int-digits limit."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep; the limit is {max_depth}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"malformed JSON: {str(exc).splitlines()[0][:200]}") from None
+
+
+def bad_code_point(text) -> Optional[str]:
+    """What the tokenizer cannot take or would silently drop in a text (or a (text, pair) tuple):
+    a lone UTF-16 surrogate (only a JSON \\uD800-style escape makes one) or NUL, with its position;
+    None when the text is clean (or not a string)."""
+    for part in text if isinstance(text, tuple) else (text,):
+        m = _BAD_CODE_POINTS.search(part) if isinstance(part, str) else None
+        if m:
+            what = "NUL" if m.group() == "\x00" else "a lone UTF-16 surrogate"
+            return f"{what} (U+{ord(m.group()):04X}) at character {m.start()}"
+    return None

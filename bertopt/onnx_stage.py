@@ -321,17 +321,24 @@ def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, bui
     return getattr(importlib.import_module(module), attr)(cfg, ref, out_dir, spec, built)
 
 
+def source_weight_bytes(model_dir: Path) -> int:
+    """The source's weight files: every variant is about this size or smaller (3x sizes the check)."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
 def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict, bool]:
     """Build and check every variant of one source; returns (manifest, was_up_to_date)."""
     out_dir = artifacts.stage_dir(cfg.output_dir, "onnx") / source.name
     fp = artifacts.fingerprint({"stage": "onnx", **options_dict(cfg)},
                                {"source": source.name, "model_dir": str(source.model_dir.resolve()),
                                 "manifest": source.digest(), "versions": _versions()})
-    run_ = artifacts.stage_run(out_dir, "onnx", fp, force=cfg.force)
+    run_ = artifacts.stage_run(out_dir, "onnx", fp, force=cfg.force, wait=cfg.wait,
+                               need_bytes=3 * source_weight_bytes(source.model_dir))
     if run_.current:
         log.info("onnx/%s is up to date (%s); --force re-runs it", source.name, artifacts.manifest_path(out_dir))
         return run_.current, True
     with run_:
+        out_dir = run_.directory  # the working directory, swapped into place by run_.finish
         print_config(STAGE, cfg)
         start = time.perf_counter()
         log.info("exporting %s (%s) to %s", source.name, source.model_dir, out_dir)
@@ -395,7 +402,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         if failed:
             raise ex.ExportError(f"onnx/{source.name}: FP32 variant(s) {', '.join(failed)} failed: "
                                  + "; ".join(variants_[n]["reason"] for n in failed)
-                                 + f" (details in {artifacts.manifest_path(out_dir)})")
+                                 + f" (details in {artifacts.manifest_path(run_.directory)})")
     return manifest, False
 
 

@@ -144,7 +144,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
     if src.resolve() == directory.resolve():
         raise ModelError(f"--prune-source {src} is the pruned stage's own output directory; prune a copy instead")
     fp = artifacts.fingerprint({"stage": STAGE, **result_config(cfg)}, {"source": str(src), "digest": src_digest})
-    run_ = artifacts.stage_run(directory, STAGE, fp, force=cfg.force)
+    run_ = artifacts.stage_run(directory, STAGE, fp, force=cfg.force, wait=cfg.wait)
     if run_.current:
         return _skip_result(directory, run_.current, start)
     with run_:
@@ -170,7 +170,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
             model, k, lambda m: pruning.layer_sensitivity(m, sens_loader, device, cfg.method))
         sensitivity_time = time.perf_counter() - t0
         pruned = result.model
-        _write_sensitivity(cfg, directory, result, len(sens), str(src), n_before, k, sensitivity_time)
+        _write_sensitivity(cfg, run_.directory, result, len(sens), str(src), n_before, k, sensitivity_time)
 
         pruned_eval = training.evaluate(pruned, eval_loader, device, desc="eval pruned")
         params_after = modeling.param_counts(pruned)["parameters"]
@@ -192,8 +192,8 @@ def run_prune(cfg: PruneConfig) -> StageResult:
         trained = training.train(pruned, train_loader, eval_loader, cfg, device, plan, loss_fn=loss_fn)
 
         pruned.to("cpu")
-        artifacts.save_model(pruned, tokenizer, directory)
-        artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+        artifacts.save_model(pruned, tokenizer, run_.directory)
+        artifacts.atomic_write_json(run_.directory / "labels.json", splits.label_names)
         best = trained.metrics["best_eval_accuracy"]
         metrics = dict(
             trained.metrics, **counts, train_rows=len(splits.train), eval_rows=len(splits.eval),
@@ -206,7 +206,7 @@ def run_prune(cfg: PruneConfig) -> StageResult:
         run_.finish(
             status="ok", config=cfg.to_dict(),
             inputs={"source": str(src), "source_manifest": src_digest, "dataset": splits.source},
-            outputs=artifacts.list_files(directory), metrics=metrics,
+            outputs=artifacts.list_files(run_.directory), metrics=metrics,
             data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
         )
     return StageResult("prune", "ok", time.perf_counter() - start, _key_metric(metrics), str(directory))

@@ -35,7 +35,7 @@ def tensorrt_source(cfg, source, ref: Reference, onnx_manifest: dict) -> tuple[d
     fp = artifacts.fingerprint({"stage": "tensorrt", **trt_options(cfg)},
                                {"onnx": artifacts.manifest_digest(onnx_dir), "usable": usable, "reason": reason,
                                 "device": trt_mod.device_facts(index=index)})
-    run_ = artifacts.stage_run(out_dir, "tensorrt", fp, force=cfg.force)
+    run_ = artifacts.stage_run(out_dir, "tensorrt", fp, force=cfg.force, wait=cfg.wait)
     if run_.current:
         log.info("tensorrt/%s is up to date (%s)", source.name, run_.current.get("status"))
         return run_.current, True
@@ -48,18 +48,18 @@ def tensorrt_source(cfg, source, ref: Reference, onnx_manifest: dict) -> tuple[d
                                metrics={"source": source.name, "engines": {},
                                         **trt_mod.device_facts(index=index)}), False
         profile = trt_profile(cfg, max_positions)
-        metrics = trt_mod.build_engines(onnx_dir, out_dir, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb,
+        metrics = trt_mod.build_engines(onnx_dir, run_.directory, cfg.trt_precision_list(), profile, cfg.trt_workspace_mb,
                                         device_index=index)
         metrics.update(source=source.name, profile=profile.to_dict(), workspace_mb=cfg.trt_workspace_mb)
         # write the manifest first: the runner checks it before loading a plan
-        run_.finish(status="ok", outputs=artifacts.list_files(out_dir), metrics=metrics, **common)
-        _check_engines(cfg, ref, out_dir, metrics, profile)
+        run_.finish(status="ok", outputs=artifacts.list_files(run_.directory), metrics=metrics, **common)
+        _check_engines(cfg, ref, run_.directory, metrics, profile)
         good = [p for p, e in metrics["engines"].items() if e["status"] == "ok"]
         why = None if good else "no usable engine: " + "; ".join(
             f"{p}: {e['reason']}" for p, e in metrics["engines"].items())
         if why:
             log.error("tensorrt/%s: %s", source.name, why)
-        manifest = run_.finish(status="ok" if good else "failed", reason=why, outputs=artifacts.list_files(out_dir),
+        manifest = run_.finish(status="ok" if good else "failed", reason=why, outputs=artifacts.list_files(run_.directory),
                                metrics=metrics, **common)
     return manifest, False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from . import artifacts
 from .cli import StageResult, print_config
@@ -37,8 +38,8 @@ def run_training(cfg: TrainConfig, stage: str) -> StageResult:
 
 
 def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResult:
-    from . import checkpoints, distributed, modeling, tracking, training
     from . import data as data_mod
+    from . import distributed
 
     directory = artifacts.stage_dir(cfg.output_dir, stage)
     key = {"stage": stage, **result_config(cfg)}
@@ -52,8 +53,29 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
     # bad data fails here, before the stage directory is touched (nothing written, nothing cleared)
     splits = data_mod.load_splits_for(cfg.to_dict())
     spec = task_spec(cfg, splits)
-    resume_from = _prepare_dir(cfg, directory, fp, ctx)
-    with stage_logging(stage, directory if ctx.is_main else None):
+    replacement, work, resume_from = _prepare_dir(cfg, stage, directory, fp, ctx, splits)
+    try:
+        result = _train_in(cfg, stage, directory, work, fp, ctx, splits, spec, resume_from, replacement, start)
+    except BaseException as exc:
+        if replacement is not None:
+            replacement.close(failed=True)
+            from . import staging
+
+            if staging.is_disk_full(exc) and not isinstance(exc, staging.DiskFull):
+                with staging.disk_errors(work, f"the {stage} model and checkpoints", replacement.need, directory):
+                    raise
+        raise
+    if replacement is not None:
+        replacement.close()
+    return result
+
+
+def _train_in(cfg, stage, directory, work, fp, ctx, splits, spec, resume_from, replacement, start) -> StageResult:
+    """Train in the working directory ``work``; rank 0 writes the model and manifest there, then
+    swaps it into ``directory``."""
+    from . import checkpoints, distributed, modeling, tracking, training
+
+    with stage_logging(stage, work if ctx.is_main else None):
         print_config(stage, cfg)
         device = ctx.device if ctx.enabled else training.resolve_device(cfg.device)
         # amp on CPU is a timing probe: rank 0's verdict holds for every rank (no mixed precisions)
@@ -61,8 +83,9 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         if not plan.available and not (cfg.force and device.type == "cpu" and plan.name == "bf16"):
             log.warning("%s skipped: %s", stage, plan.reason)
             if ctx.is_main:
-                artifacts.write_manifest(directory, stage=stage, status="skipped", reason=plan.reason,
+                artifacts.write_manifest(work, stage=stage, status="skipped", reason=plan.reason,
                                          config=cfg.to_dict(), fingerprint=fp)
+                replacement.commit()
             return StageResult(stage, "skipped", time.perf_counter() - start, plan.reason, str(directory))
         if plan.autocast_dtype is not None:
             log.info("precision: %s autocast on %s (%s)", plan.name, device, plan.reason)
@@ -90,9 +113,9 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
         dist_ctx = ctx if ctx.enabled else None
         result = training.train(
             distributed.wrap_model(model, ctx), train_loader, eval_loader, cfg, device, plan, dist_ctx=dist_ctx,
-            checkpointer=checkpoints.Checkpointer(checkpoints.root(directory), fp, cfg.save_total_limit, dist_ctx),
+            checkpointer=checkpoints.Checkpointer(checkpoints.root(work), fp, cfg.save_total_limit, dist_ctx),
             resume_from=resume_from,
-            tensorboard_dir=directory / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None,
+            tensorboard_dir=work / tracking.SUBDIR if cfg.report_to == "tensorboard" and ctx.is_main else None,
             spec=spec)
         distributed.barrier(ctx)  # every rank has finished before rank 0 writes anything
         if not ctx.is_main:
@@ -100,9 +123,10 @@ def _run_training(cfg: TrainConfig, stage: str, ctx, start: float) -> StageResul
             return StageResult(stage, "ok", time.perf_counter() - start,
                                f"rank {ctx.rank}/{ctx.world_size} done (rank 0 writes the artifacts)", str(directory))
 
-        metrics = _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts,
+        metrics = _write_stage(work, stage, cfg, fp, model, tokenizer, splits, train_ds, result, counts,
                                summary, plan, spec)
-        shutil.rmtree(checkpoints.root(directory), ignore_errors=True)  # the manifest vouches for the model now
+        shutil.rmtree(checkpoints.root(work), ignore_errors=True)  # the manifest vouches for the model now
+        replacement.commit()  # the previous output stayed valid until this swap
         distributed.barrier(ctx)
     return StageResult(stage, "ok", time.perf_counter() - start,
                        f"{_best_line(metrics)}, {metrics['samples_per_s']} samples/s", str(directory))
@@ -183,27 +207,49 @@ def _write_stage(directory, stage, cfg, fp, model, tokenizer, splits, train_ds, 
     return metrics
 
 
-def _prepare_dir(cfg: TrainConfig, directory, fp: str, ctx):
-    """Rank 0 clears the stage directory, keeping a checkpoint written with the same fingerprint
-    (and its TensorBoard curves) to resume from; every rank gets that checkpoint's path or None."""
-    from . import checkpoints, distributed, tracking
-    from .errors import ConfigError
+def _prepare_dir(cfg: TrainConfig, stage: str, directory, fp: str, ctx, splits):
+    """Rank 0 locks the stage output and opens its working directory beside it (bertopt.staging),
+    keeping one left by an interrupted run with the same fingerprint (its checkpoints and TensorBoard
+    curves) to resume from. Returns (rank 0's Replacement or None, the working dir, the checkpoint
+    to resume from or None) on every rank."""
+    from . import checkpoints, distributed, staging
+    from .errors import ConfigError, PipelineError
 
-    found, problem = None, None
+    replacement, work, found, problem = None, None, None, None
     if ctx.is_main:
-        artifacts.begin_stage(directory)  # fails fast on an unwritable --output-dir
+        replacement = staging.Replacement(directory, fp, stage, wait=cfg.wait, manifest=artifacts.MANIFEST,
+                                          carry=(artifacts.STAGE_LOG,))
+        replacement.need = _space_needed(cfg, splits)
         try:
-            found = None if cfg.force else checkpoints.find_resumable(directory, fp, required=cfg.resume)
+            work = replacement.open(resumable=not cfg.force)
+            staging.check_free(work, replacement.need, f"the {stage} model and checkpoints", keeps=directory)
+            found = None if cfg.force else checkpoints.find_resumable(work, fp, required=cfg.resume)
         except ConfigError as exc:
             problem = str(exc)
-        if problem is None:
-            keep = ("stage.log", checkpoints.DIRNAME, tracking.SUBDIR) if found else ("stage.log",)
-            artifacts.clear_dir(directory, keep=keep)
-    found, problem = distributed.broadcast_object(ctx, (str(found) if found else None, problem))
+        except BaseException as exc:
+            replacement.close()
+            if ctx.enabled:  # the other ranks wait in the broadcast below: every rank stops with this line
+                problem = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            else:
+                raise
+        if problem:
+            replacement.close()
+    work, found, problem = distributed.broadcast_object(ctx, (str(work) if work else None,
+                                                              str(found) if found else None, problem))
     if problem:
         raise ConfigError(problem)
     distributed.barrier(ctx)
-    return found
+    return replacement, Path(work), found
+
+
+def _space_needed(cfg: TrainConfig, splits) -> int | None:
+    """Roughly what the run writes: the saved model plus ``save_total_limit`` checkpoints (weights,
+    two Adam moments and a best copy each), from the model's size on disk when it is local."""
+    src = Path(cfg.model)
+    if not src.is_dir():
+        return None
+    weights = sum(p.stat().st_size for p in src.glob("*") if p.suffix in (".safetensors", ".bin"))
+    return weights * (1 + 4 * max(int(cfg.save_total_limit or 1), 1)) if weights else None
 
 
 def run_baseline(cfg: TrainConfig) -> StageResult:

@@ -60,6 +60,12 @@ sys.exit(benchmark.main(sys.argv[1:]))
 '''
 
 
+def _work(stage: Path) -> Path:
+    from bertopt import staging
+
+    return staging.sibling(stage, staging.WORK_SUFFIX)
+
+
 def _env(spy: Path, **extra) -> dict:
     return _clean_env({"SPY_DIR": str(spy), **{k: str(v) for k, v in extra.items()}})
 
@@ -121,7 +127,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_m
     assert job.returncode == -signal.SIGKILL, job.stdout[-3000:]
     stage = killed / "baseline"
     assert not (stage / "manifest.json").exists()
-    assert [p.name for p in checkpoints.complete(stage / "checkpoints")] == ["step-00000013", "step-00000015"]
+    # the run builds beside the stage dir; its checkpoints wait there to be resumed
+    assert [p.name for p in checkpoints.complete(_work(stage) / "checkpoints")] == ["step-00000013", "step-00000015"]
     before_kill = json.loads((spy_b / "batches.rank0.json").read_text())
 
     job = _run(cmd + _args(tiny_model_dir, tiny_data_dir, killed), tmp_path, _env(spy_b))  # automatic resume
@@ -153,7 +160,7 @@ def test_sigkill_one_of_two_gloo_ranks_then_resume(tmp_path, tiny_model_dir, tin
     job = _run(torchrun + _args(tiny_model_dir, tiny_data_dir, killed, **args), tmp_path,
                _env(spy, KILL_AT_STEP=17, KILL_RANK=1))
     assert job.returncode != 0 and not (killed / "baseline" / "manifest.json").exists()
-    assert checkpoints.complete(killed / "baseline" / "checkpoints")[-1].name == "step-00000015"
+    assert checkpoints.complete(_work(killed / "baseline") / "checkpoints")[-1].name == "step-00000015"
     job = _run(torchrun + _args(tiny_model_dir, tiny_data_dir, killed, **args), tmp_path, _env(spy))
     assert job.returncode == 0, job.stdout[-3000:]
     m = _assert_same_run(killed / "baseline", plain / "baseline", resumed_at=15)

@@ -158,7 +158,7 @@ def test_prune_config_validation_names_flags():
     assert "--distill-alpha" in msg
     with pytest.raises(ConfigError, match="--prune-layers K .* or --target-layers N"):
         PruneConfig()
-    assert PruneConfig(target_layers=4, sensitivity_samples=0).sensitivity_samples is None
+    assert PruneConfig(target_layers=4, sensitivity_samples="all").sensitivity_samples is None
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -70,20 +70,27 @@ def test_stage_run_skips_when_current_and_writes_the_manifest_last(tmp_path):
     run = artifacts.stage_run(d, "demo", "fp1")
     assert run.current is None
     with run:
-        (d / "out.txt").write_text("x")
-        assert not artifacts.manifest_path(d).exists()
+        assert run.directory != d and run.directory.parent == d.parent  # built beside the output
+        (run.directory / "out.txt").write_text("x")
+        assert not artifacts.manifest_path(run.directory).exists() and not d.exists()
         run.finish(status="ok", config={"a": 1}, outputs=["out.txt"])
+        assert run.directory == d  # swapped into place by finish()
     m = json.loads(artifacts.manifest_path(d).read_text())
     assert m["stage"] == "demo" and m["fingerprint"] == "fp1" and (d / "stage.log").is_file()
+    assert (d / "out.txt").read_text() == "x"
     assert artifacts.stage_run(d, "demo", "fp1").current["fingerprint"] == "fp1"
     assert artifacts.stage_run(d, "demo", "fp1", force=True).current is None
     (d / "stale.txt").write_text("old")
-    with artifacts.stage_run(d, "demo", "fp2"):  # a re-run clears the directory (the log stays)
-        assert not (d / "stale.txt").exists() and not artifacts.manifest_path(d).exists()
-        assert (d / "stage.log").exists()
-    with artifacts.stage_run(d, "demo", "fp3", remove=["out.txt"]):
-        pass
-    assert artifacts.stage_run(d, "demo", "fp3").current is None  # no finish(): never vouched for
+    with artifacts.stage_run(d, "demo", "fp2") as run2:  # a re-run starts from an empty dir (the log is carried)
+        assert not (run2.directory / "stale.txt").exists() and not artifacts.manifest_path(run2.directory).exists()
+        assert (run2.directory / "stage.log").exists()
+        assert artifacts.manifest_path(d).exists() and (d / "stale.txt").exists()  # the previous output stays
+    assert artifacts.read_manifest(d)["fingerprint"] == "fp1"  # no finish(): the previous output is kept
+    assert artifacts.stage_run(d, "demo", "fp2").current is None  # ... and nothing vouches for fp2
+    with artifacts.stage_run(d, "demo", "fp2") as run3:
+        run3.finish(status="ok", config={}, outputs=[])
+    assert not (d / "stale.txt").exists() and artifacts.read_manifest(d)["fingerprint"] == "fp2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stage.lock", "stage"]  # no working dir left
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -62,6 +62,8 @@ def test_changed_config_reruns(tmp_path, tiny_model_dir, tiny_data_dir):
 def test_killed_stage_leaves_nothing_downstream_accepts(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
     cfg = tiny_train_config(tiny_model_dir, tiny_data_dir, tmp_path, epochs=1)
     assert run_baseline(cfg).status == "ok"
+    previous = artifacts.read_manifest(tmp_path / "baseline")
+    weights = (tmp_path / "baseline" / "model.safetensors").read_bytes()
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the process dies right before its manifest
@@ -70,10 +72,12 @@ def test_killed_stage_leaves_nothing_downstream_accepts(tmp_path, tiny_model_dir
     with pytest.raises(KeyboardInterrupt):
         run_baseline(tiny_train_config(tiny_model_dir, tiny_data_dir, tmp_path, epochs=1, force=True))
     directory = tmp_path / "baseline"
-    assert (directory / "model.safetensors").exists()  # files were (re)written ...
-    assert not (directory / "manifest.json").exists()   # ... but nothing vouches for them
-    with pytest.raises(MissingArtifact, match="python benchmark.py"):
-        artifacts.require_manifest(directory, "baseline")
+    work = tmp_path / ".baseline.work"  # the run built beside the stage dir (bertopt.staging) ...
+    assert (work / "model.safetensors").exists() and not (work / "manifest.json").exists()
+    assert artifacts.require_manifest(directory, "baseline") == previous  # ... the previous output stays valid
+    assert (directory / "model.safetensors").read_bytes() == weights
+    with pytest.raises(MissingArtifact, match="python benchmark.py"):  # a dir without a manifest is never used
+        artifacts.require_manifest(work, "baseline")
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote, urlencode
 
-from .. import artifacts, logs
+from .. import artifacts, logs, staging
 from ..cli import StageResult, print_config
 from ..errors import MissingArtifact, PipelineError
 from ..logs import stage_logging
@@ -331,7 +331,8 @@ def run(cfg: AwsDeployConfig, aws: Optional[Aws] = None) -> StageResult:
 
         return run_local(cfg)
     directory = artifacts.stage_dir(cfg.output_dir, STAGE)
-    with stage_logging("aws_deploy", directory):
+    # one deploy/update/finish at a time on one aws/ dir: a second refuses naming the first's pid (--wait queues)
+    with staging.locked(directory, "aws_deploy", cfg.wait), stage_logging("aws_deploy", directory):
         print_config("aws_deploy", cfg)
         if cfg.finish:
             return _run_finish(cfg, directory, aws, start)

@@ -89,6 +89,10 @@ def _send(conn, texts):
     data = resp.read()
     if resp.status == 200 and len(json.loads(data)) != len(texts):
         return -1  # a wrong answer counts as an error
+    if resp.status != 200:
+        from .answers import describe  # the local {"error"} or SageMaker's {"code","type","message"}
+
+        conn.refusal = describe(resp.status, data)  # the client loop keeps the first few
     return resp.status
 
 
@@ -117,6 +121,9 @@ def open_loop(url: str, rate: float, seconds: float, clients: int = 16, texts_pe
             body = [texts[(i * texts_per_request + k) % len(texts)] for k in range(texts_per_request)]
             try:
                 status[i] = _send(conn, body)
+                if getattr(conn, "refusal", None) and len(errors) < 5:
+                    errors.append(conn.refusal)
+                    conn.refusal = None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 status[i] = -2
                 if len(errors) < 5:

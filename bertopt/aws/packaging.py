@@ -21,7 +21,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import artifacts
+from .. import artifacts, staging
 from ..errors import ConfigError, ModelError, PipelineError
 from .choice import FILE_BACKENDS, TORCH_WEIGHTS, ModelChoice, _file_digest
 
@@ -263,8 +263,11 @@ def build_archive(choice: ModelChoice, cfg, dest: Path) -> ArchiveInfo:
     members = archive_members(choice, cfg)
     tmp = dest.with_name(f".{dest.name}.tmp")
     dirs = sorted({str(Path(n).parent) for n, _ in members if "/" in n})
+    need = sum(len(src) if isinstance(src, bytes) else Path(src).stat().st_size for _, src in members)
+    staging.check_free(dest.parent, need, dest.name, keeps=dest if dest.exists() else None)  # gzip only shrinks it
     try:
-        with open(tmp, "wb") as raw:
+        with staging.disk_errors(dest.parent, dest.name, need, dest if dest.exists() else None), \
+                open(tmp, "wb") as raw:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     for d in dirs:

@@ -23,7 +23,15 @@ def _invoke(aws: Aws, endpoint: str, payload: dict) -> bytes:
             EndpointName=endpoint, ContentType="application/json", Accept="application/json",
             Body=json.dumps(payload).encode())
         return resp["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
+    except ClientError as exc:
+        original = exc.response.get("OriginalMessage")
+        if original is not None:  # ModelError: the container answered; MMS's or the handler's envelope
+            from .answers import describe
+
+            raise PipelineError(f"smoke test: endpoint {endpoint} refused the request: "
+                                f"{describe(exc.response.get('OriginalStatusCode'), original)}") from None
+        raise aws_error(exc, f"invoking endpoint {endpoint}") from None
+    except BotoCoreError as exc:
         raise aws_error(exc, f"invoking endpoint {endpoint}") from None
 
 

@@ -30,7 +30,7 @@ def _input_digests(output_dir: Path) -> dict:
     for kind in ("onnx", "tensorrt"):
         root = artifacts.stage_dir(output_dir, kind)
         if root.is_dir():
-            for d in sorted(root.iterdir()):
+            for d in sorted(p for p in root.iterdir() if not p.name.startswith(".")):  # skip work dirs, locks
                 digests[f"{kind}/{d.name}"] = artifacts.manifest_digest(d)
     sens = artifacts.sensitivity_path(output_dir)
     if sens.is_file():
@@ -67,7 +67,7 @@ def run(cfg: CompareConfig) -> StageResult:
         return _report_only(cfg, reports, start)
     artifacts.require_manifest(artifacts.stage_dir(out, "baseline"), "baseline")
     run_ = artifacts.stage_run(reports, "compare", _fingerprint(cfg, _input_digests(out)), force=cfg.force,
-                               remove=artifacts.REPORT_FILES)
+                               remove=artifacts.REPORT_FILES, wait=cfg.wait)
     if run_.current and artifacts.results_path(reports).is_file():
         results = results_mod.load(artifacts.results_path(reports))
         _render_outputs(results, reports)  # cheap; picks up template changes
@@ -84,8 +84,9 @@ def run(cfg: CompareConfig) -> StageResult:
             results = measure(cfg)
         finally:
             torch.set_num_threads(threads_before)
-        results_mod.save(artifacts.results_path(reports), results)
-        outputs = _render_outputs(results, reports)
+        # written beside reports/ and moved in by run_.finish: a killed compare leaves the previous report
+        results_mod.save(artifacts.results_path(run_.directory), results)
+        outputs = _render_outputs(results, run_.directory)
         if not cfg.quiet:
             print(summary_table(results))
         run_.finish(status="ok", config=cfg.to_dict(), inputs=_input_digests(out), outputs=outputs,

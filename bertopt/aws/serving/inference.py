@@ -243,8 +243,7 @@ def _providers(settings: dict):
 
 
 def _threads():
-    value = os.environ.get("BERTOPT_THREADS")
-    return int(value) if value else None
+    return int(os.environ["BERTOPT_THREADS"]) if os.environ.get("BERTOPT_THREADS") else None
 
 
 def _make_predictor(model_dir: str, settings: dict):
@@ -381,6 +380,8 @@ def _check_texts(texts, top_k=0) -> list:
     out = Texts(texts)
     out.top_k = top_k
     for i, t in enumerate(texts):
+        if (bad := _data.bad_code_point(t)):  # a lone surrogate or NUL: refused, naming the input
+            raise RequestError(400, f"input {i} contains {bad}; send valid Unicode text")
         if isinstance(t, tuple):
             continue
         if not isinstance(t, str):
@@ -397,10 +398,10 @@ def input_fn(input_data, content_type):
         text = _as_text(input_data)
         if not text.strip():
             raise RequestError(400, "empty request body")
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RequestError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        try:  # nesting capped before decoding; huge integers and recursion refused (issue #35)
+            payload = _data.decode_request_json(text)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
         if payload == {"describe": True}:  # what the endpoint serves from (the deploy's smoke test asks)
             return DESCRIBE
         if not isinstance(payload, dict) or "inputs" not in payload:
