@@ -13,7 +13,10 @@ new keys are optional to readers: :func:`metric_name` says "accuracy" for them).
 added within 3: ``hardware.cpu_matmul_peaks`` (the CPU's matmul peak per non-fp32 compute type,
 which that type's rows' ``fraction_of_peak`` divides by; a type measured slower than fp32 holds
 ``rows_measured_against: "fp32"`` and its rows divide by the fp32 peak) and ``variants[].first_use`` (a row's first
-pass over the eval set and first sight of each request, against the warm figures, with ``note``).
+pass over the eval set and first sight of each request, against the warm figures, with ``note``),
+``reference_model`` (which model is the FP32 reference: ``name``, ``trained_here``; for a ``--trained``
+model fine-tuned elsewhere also ``kind``, ``path``, ``revision``, ``files``) and, on the reference rows of
+such a model, ``variants[].reference_model`` / ``trained_elsewhere``.
 """
 from __future__ import annotations
 

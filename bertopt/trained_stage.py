@@ -286,7 +286,7 @@ def run_trained(cfg: TrainedConfig) -> StageResult:
     start = time.perf_counter()
     directory = artifacts.stage_dir(cfg.output_dir, STAGE)
     model, tokenizer, splits, spec, max_length, where, perm = _prepare(cfg)
-    cfg = replace(cfg, max_length=max_length)
+    cfg = replace(cfg, max_length=max_length, model=cfg.trained)
     fp = artifacts.fingerprint({"stage": "trained", **result_config(cfg), "files": where["files"]})
     run = artifacts.stage_run(directory, STAGE, fp, force=cfg.force, log_as="trained")
     if run.current:
