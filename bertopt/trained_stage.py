@@ -194,13 +194,15 @@ def origin(cfg: TrainedConfig, path: str, config) -> dict:
                 "revision": None, "files": files}
     from huggingface_hub import try_to_load_from_cache
 
-    files = {}
+    files, revision = {}, getattr(config, "_commit_hash", None)
     for name in HASHED_HUB_FILES:
         cached = try_to_load_from_cache(path, name)
         if isinstance(cached, str):
             files[name] = _sha256(Path(cached))
-    return {"trained_here": False, "model": cfg.trained, "kind": "hub", "path": None,
-            "revision": getattr(config, "_commit_hash", None), "files": files}
+            if revision is None and Path(cached).parent.parent.name == "snapshots":  # .../snapshots/<commit>/
+                revision = Path(cached).parent.name
+    return {"trained_here": False, "model": cfg.trained, "kind": "hub", "path": None, "revision": revision,
+            "files": files}
 
 
 # ----------------------------------------------------------------------------- the stage

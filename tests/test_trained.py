@@ -246,3 +246,25 @@ def test_regression_model_on_regression_data(tmp_path, finetuned):
     m = json.loads((out / "baseline" / "manifest.json").read_text())
     assert m["data"]["task"] == "regression" and m["metrics"]["metric"] == "pearson"
     assert -1 <= m["metrics"]["best_eval_metric"] <= 1
+
+
+def test_a_hub_model_records_its_id_revision_and_file_hashes(finetuned, tiny_data_dir, tmp_path):
+    """A hub id (served from huggingface_hub's cache; the hub itself is a closed local port)."""
+    from test_hub import cache_as_hub_model, run_offline
+
+    cache_as_hub_model(tmp_path, finetuned["dir"], "someone/tiny-sst2")
+    out = tmp_path / "out"
+    code = ("import sys, benchmark\nsys.exit(benchmark.main(['--trained', 'someone/tiny-sst2', '--dataset', "
+            f"{tiny_data_dir!r}, '--output-dir', {str(out)!r}, '--device', 'cpu', '--quiet']))\n")
+    proc = run_offline(tmp_path, code)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "baseline" / "manifest.json").read_text())
+    origin = m["origin"]
+    assert origin["kind"] == "hub" and origin["model"] == "someone/tiny-sst2" and origin["revision"] == "0" * 40
+    local = json.loads((Path(finetuned["dir"]) / "config.json").read_text())
+    assert local["id2label"] == {"0": "negative", "1": "positive"}
+    import hashlib
+
+    expected = hashlib.sha256((Path(finetuned["dir"]) / "model.safetensors").read_bytes()).hexdigest()
+    assert origin["files"]["model.safetensors"] == expected and "config.json" in origin["files"]
+    assert m["metrics"]["best_eval_accuracy"] == pytest.approx(finetuned["accuracy"])
