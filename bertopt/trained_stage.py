@@ -272,7 +272,8 @@ def _metrics(ev: dict, spec, model, splits) -> dict:
                "final_eval_accuracy": ev.get("accuracy"), "best_epoch": None, "best_step": None,
                "stopped_early": False, "resumed_from": None, "epochs": [], "loss_curve": [], "eval_curve": [],
                "eval_loss": ev.get("loss"), "eval_time_s": ev["eval_time_s"], "trained_here": False,
-               **modeling.param_counts(model), "train_rows": len(splits.train), "eval_rows": len(splits.eval)}
+               **modeling.param_counts(model), "train_rows": 0, "data_train_rows": len(splits.train),
+               "eval_rows": len(splits.eval)}
     if not spec.plain:
         metrics.update(metric=spec.metric, best_eval_metric=ev["metric"],
                        eval_metrics={k: v for k, v in ev.items() if k not in ("predictions", "metric", "device")})

@@ -100,6 +100,8 @@ def test_pipeline_from_a_model_trained_elsewhere(finetuned, tiny_data_dir, tmp_p
     html = (reports / "performance_report.html").read_text()
     assert f"Reference (FP32 baseline): {finetuned['dir']}</strong>, fine-tuned elsewhere" in html
     assert "fine-tuned elsewhere (--trained)" in (reports / "summary.md").read_text()
+    assert res["training"]["baseline"]["trained_here"] is False and res["training"]["baseline"]["train_rows"] == 0
+    assert "ok (--trained: fine-tuned elsewhere, not trained here)" in html
 
     cfg = AwsDeployConfig(output_dir=str(out), reports_dir=str(reports), local=True, port=0, quiet=True)
     archive, model_dir, handler, model = local.prepare_local(cfg)
@@ -142,6 +144,9 @@ def test_head_in_another_label_order_is_permuted(finetuned, tiny_data_dir, tmp_p
     assert result.status == "ok" and m["head_permutation"] == [1, 0]
     assert m["metrics"]["best_eval_accuracy"] == pytest.approx(finetuned["accuracy"])
     assert json.loads((out / "baseline" / "labels.json").read_text()) == ["negative", "positive"]
+    again = run_trained(TrainedConfig(trained=src, dataset=tiny_data_dir, output_dir=str(out), device="cpu",
+                                      quiet=True))
+    assert again.status == "up-to-date"
 
 
 def test_eval_file_only_and_prune_needs_training_data(finetuned, tiny_data_dir, tmp_path, capsys):
@@ -155,8 +160,14 @@ def test_eval_file_only_and_prune_needs_training_data(finetuned, tiny_data_dir, 
 
     assert main.main(argv(out) + ["--stages", "trained"]) == 0
     m = json.loads((out / "baseline" / "manifest.json").read_text())
-    assert m["data"]["eval_only"] is True and m["metrics"]["eval_rows"] == 100 and m["metrics"]["train_rows"] == 0
+    assert m["data"]["eval_only"] is True and m["metrics"]["eval_rows"] == 100 and m["metrics"]["data_train_rows"] == 0
     assert m["metrics"]["best_eval_accuracy"] == pytest.approx(finetuned["accuracy"])
+    from bertopt.onnx_stage import OnnxConfig, run   # static calibration takes eval rows: no train rows here
+
+    assert run(OnnxConfig(output_dir=str(out), variants="qdq", calibration_samples=16, device="cpu",
+                          quiet=True)).status == "ok"
+    qdq = json.loads((out / "onnx" / "baseline" / "manifest.json").read_text())["metrics"]["variants"]["qdq"]
+    assert qdq["status"] in ("ok", "rejected") and qdq["parity"]["eval"]["rows"] == 100
     capsys.readouterr()
     assert main.main(argv(out2) + ["--prune-layers", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -207,6 +218,15 @@ def test_refused_models_are_one_line_and_write_nothing(case, words, bad_models, 
     for w in words:
         assert w in err[0], (w, err[0])
     assert not out.exists() and not reports.exists()
+
+
+def test_training_stages_cannot_be_asked_for_with_trained(capsys):
+    import main
+
+    assert main.main(["--trained", "x", "--stages", "baseline,compare"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --trained replaces the training stage(s) baseline: drop them from --stages "
+                   "(the trained stage writes the baseline)"]
 
 
 def test_label_map_aligns_other_names(bad_models, tiny_data_dir, tmp_path):

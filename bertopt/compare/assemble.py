@@ -38,7 +38,7 @@ def _training_summary(manifests: dict) -> dict:
         keys = ("precision", "device", "train_time_s", "train_samples", "samples_per_s", "peak_memory_mb",
                 "peak_memory_kind", "best_eval_accuracy", "final_eval_accuracy", "best_epoch", "epochs",
                 "loss_curve", "train_rows", "eval_rows", "parameters", "trainable_parameters", "skipped_steps",
-                "eval_curve", "best_step", "stopped_early", "resumed_from")
+                "eval_curve", "best_step", "stopped_early", "resumed_from", "trained_here")
         out[stage] = {"status": m.get("status"), "reason": m.get("reason"), **{k: met.get(k) for k in keys}}
     return out
 
