@@ -64,7 +64,9 @@ def finetuned(tmp_path_factory, packaged_model_dir, tiny_data_dir):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     dev_t, dev_l = make_texts(100, seed=2)    # tiny_data_dir's dev.tsv
-    return {"dir": str(d), "accuracy": own_accuracy(model, tok, dev_t, dev_l), "model": model, "tok": tok}
+    accuracy = own_accuracy(model, tok, dev_t, dev_l)
+    assert 0.55 < accuracy < 0.95  # part-trained (0.69): matching it means scoring the same rows the same way
+    return {"dir": str(d), "accuracy": accuracy, "model": model, "tok": tok}
 
 
 def test_pipeline_from_a_model_trained_elsewhere(finetuned, tiny_data_dir, tmp_path):
@@ -74,9 +76,12 @@ def test_pipeline_from_a_model_trained_elsewhere(finetuned, tiny_data_dir, tmp_p
 
     out, reports = tmp_path / "out", tmp_path / "reports"
     argv = ["--trained", finetuned["dir"], "--dataset", tiny_data_dir, "--output-dir", str(out), "--reports-dir",
-            str(reports), "--device", "cpu", "--variants", "int8", "--quiet", *COMPARE_FAST]
+            str(reports), "--device", "cpu", "--variants", "int8", "--quiet", "--prune-layers", "1",
+            "--sensitivity-samples", "16", "--epochs", "1", *COMPARE_FAST]
     assert main.main(argv) == 0
     assert not (out / "mixed_precision").exists()  # no training stage ran
+    pruned = json.loads((out / "pruned" / "manifest.json").read_text())  # re-fine-tuned from the --trained model
+    assert pruned["status"] == "ok" and pruned["metrics"]["layers_after"] == 1
     base = json.loads((out / "baseline" / "manifest.json").read_text())
     assert base["status"] == "ok" and base["metrics"]["train_samples"] == 0
     assert base["origin"]["trained_here"] is False and base["origin"]["kind"] == "directory"
@@ -93,6 +98,7 @@ def test_pipeline_from_a_model_trained_elsewhere(finetuned, tiny_data_dir, tmp_p
     by = {r["name"]: r for r in res["variants"]}
     for name in ("torch-fp32-padded", "torch-fp32"):
         assert by[name]["trained_elsewhere"] is True and by[name]["reference_model"] == finetuned["dir"]
+    assert by["pruned-ort-fp32"]["status"] == "ok" and "trained_elsewhere" not in by["pruned-torch-fp32"]
     assert res["data"]["eval_rows"] == 100
     assert by["torch-fp32"]["accuracy"] == pytest.approx(finetuned["accuracy"])
     assert res["baseline_accuracy"] == pytest.approx(finetuned["accuracy"])
