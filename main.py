@@ -72,8 +72,9 @@ def main(argv=None) -> int:
                 print(f"{s.name:18s} {s.script:20s} {s.description}{' (optional)' if s.optional else ''}")
             return 0
         stages = select(ns)
-        applied = _apply_defaults(parser, ns, MAIN_DEFAULTS)
         running = {st.name for st in stages}
+        trains = not getattr(ns, "trained", None) or "prune" in running  # --trained alone fine-tunes nothing
+        applied = _apply_defaults(parser, ns, MAIN_DEFAULTS) if trains else []
         for st in stages:
             if st.pipeline_defaults:
                 applied += _apply_defaults(parser, ns, st.pipeline_defaults(ns, running))

@@ -81,11 +81,14 @@ def load_checked_config(cfg: TrainedConfig):
 
     from . import modeling
 
-    path = modeling.resolve_model(cfg.trained)
+    try:
+        path = modeling.resolve_model(cfg.trained)
+    except ModelError as exc:  # its messages name --model; here the model came from --trained
+        raise ModelError(str(exc).replace("--model", "--trained")) from None
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
-        raise ModelError(f"--trained {cfg.trained}: {modeling._load_error(cfg.trained, exc)}") from None
+        raise _load_error(cfg.trained, exc) from None
     modeling.check_encoder(config, cfg.trained)
     modeling.check_weights(path, cfg.trained)
     archs = list(config.architectures or ())
@@ -94,6 +97,13 @@ def load_checked_config(cfg: TrainedConfig):
                          f"{', '.join(archs) or 'none'}), so it is a bare encoder, not a fine-tuned classifier; "
                          f"fine-tune it here with `python main.py --model {cfg.trained}`")
     return path, config
+
+
+def _load_error(model: str, exc: Exception) -> ModelError:
+    from .errors import first_line
+
+    return ModelError(f"--trained {model}: cannot load it ({first_line(exc)}); give a save_pretrained directory "
+                      "or a reachable Hugging Face model id")
 
 
 def model_task(config) -> tuple[Optional[str], str]:
@@ -226,7 +236,7 @@ def _prepare(cfg: TrainedConfig):
         model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
                                                                          output_loading_info=True)
     except Exception as exc:
-        raise ModelError(f"--trained {cfg.trained}: {modeling._load_error(cfg.trained, exc)}") from None
+        raise _load_error(cfg.trained, exc) from None
     fresh = [k for k in info.get("missing_keys", ()) if "classifier" in k or "score" in k or "head" in k]
     if fresh:
         raise ModelError(f"--trained {cfg.trained}: its weights have no trained classification head "
