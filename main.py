@@ -40,10 +40,15 @@ def _names(text: str, known: dict) -> list[str]:
 def select(ns) -> list:
     known = by_name()
     skip = set(_names(ns.skip, known))
+    replaced = {s.name for s in STAGES if s.replaced_by and s.replaced_by(ns)}
     if ns.stages:
         chosen = set(_names(ns.stages, known))
+        if chosen & replaced:
+            raise ConfigError(f"--trained replaces the training stage(s) {', '.join(sorted(chosen & replaced))}: "
+                              "drop them from --stages (the trained stage writes the baseline)")
         return [s for s in STAGES if s.name in chosen and s.name not in skip]
-    return [s for s in STAGES if s.name not in skip and (not s.optional or (s.enabled_by and s.enabled_by(ns)))]
+    return [s for s in STAGES if s.name not in skip | replaced
+            and (not s.optional or (s.enabled_by and s.enabled_by(ns)))]
 
 
 def _apply_defaults(parser, ns, values: dict) -> list[str]:
@@ -67,8 +72,9 @@ def main(argv=None) -> int:
                 print(f"{s.name:18s} {s.script:20s} {s.description}{' (optional)' if s.optional else ''}")
             return 0
         stages = select(ns)
-        applied = _apply_defaults(parser, ns, MAIN_DEFAULTS)
         running = {st.name for st in stages}
+        trains = not getattr(ns, "trained", None) or "prune" in running  # --trained alone fine-tunes nothing
+        applied = _apply_defaults(parser, ns, MAIN_DEFAULTS) if trains else []
         for st in stages:
             if st.pipeline_defaults:
                 applied += _apply_defaults(parser, ns, st.pipeline_defaults(ns, running))

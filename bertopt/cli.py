@@ -224,6 +224,18 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="multi-label decision threshold on sigmoid scores (default: tuned on the eval split)")
 
 
+def add_trained_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("a model fine-tuned elsewhere")
+    add(g, "--trained", metavar="DIR|HUB_ID",
+        help="start from this fine-tuned classifier (a save_pretrained directory or a Hugging Face id): it "
+             "becomes the FP32 reference (saved_models/baseline) and the training stages are skipped; its "
+             "labels, task and max length come from its config, checked against --dataset (a single file = "
+             "evaluation rows only)")
+    add(g, "--label-map", metavar="MODEL=DATA,...",
+        help="--trained: map the model's label names (config.id2label, or ids) to the data's label names, "
+             "e.g. NEG=negative,POS=positive")
+
+
 def load_config_file(path: str) -> dict:
     p = Path(path)
     try:

@@ -176,7 +176,10 @@ def _listed(values):
 
 def load_splits(dataset: str = "sst2", data_dir: str = DEFAULT_DATA_DIR, text_column=None, label_column=None,
                 max_train_samples=None, max_eval_samples=None, seed: int = 42,
-                eval_fraction: float = 0.1, no_header: bool = False, task: Optional[str] = None) -> Splits:
+                eval_fraction: float = 0.1, no_header: bool = False, task: Optional[str] = None,
+                eval_only: bool = False) -> Splits:
+    """``eval_only`` (a --trained model's single data file): a source without an eval split is all
+    evaluation rows, and the train split is empty."""
     raw, source = load_raw(dataset, data_dir, text_column, label_column, no_header)
     for split, r in raw.items():
         if len(r.texts) == 0:
@@ -188,8 +191,10 @@ def load_splits(dataset: str = "sst2", data_dir: str = DEFAULT_DATA_DIR, text_co
     ids, names, task = tasks.map_labels({s: r.labels for s, r in raw.items()}, source,
                                         tasks.MULTI_LABEL if multi_cols else task, multi_cols)
     train = TextData(list(raw["train"].texts), ids["train"], _listed(raw["train"].pairs))
-    carved = "eval" not in raw
-    if carved:
+    carved = "eval" not in raw and not eval_only
+    if eval_only and "eval" not in raw:
+        ev, train = train, _take(train, [])
+    elif carved:
         if len(train) < 10:
             raise DataError(f"{source}: {len(train)} rows are too few to carve an evaluation split")
         n_eval = max(1, int(round(len(train) * eval_fraction)))
@@ -212,7 +217,8 @@ def load_splits_for(d: dict, **overrides) -> Splits:
     d = {**d, **overrides}
     return load_splits(d.get("dataset", "sst2"), d.get("data_dir", "data"), d.get("text_column"),
                        d.get("label_column"), d.get("max_train_samples"), d.get("max_eval_samples"),
-                       int(d.get("seed", 42)), no_header=bool(d.get("no_header")), task=d.get("task"))
+                       int(d.get("seed", 42)), no_header=bool(d.get("no_header")), task=d.get("task"),
+                       eval_only=bool(d.get("eval_only")))
 
 
 # ----------------------------------------------------------------------------- tokens and batches

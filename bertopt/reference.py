@@ -134,7 +134,7 @@ class Reference:
         every batch to one width and drops a short last batch (histogram calibrators stack them)."""
         from . import data
 
-        train = self.splits.train
+        train = self.splits.train if len(self.splits.train) else self.splits.eval  # --trained, eval file only
         rng = np.random.default_rng(int(self.data_cfg.get("seed", self.cfg.seed)))
         idx = rng.choice(len(train), size=min(n, len(train)), replace=False)
         texts = [train.texts[i] for i in sorted(idx)]

@@ -16,7 +16,10 @@ which that type's rows' ``fraction_of_peak`` divides by; a type measured slower 
 pass over the eval set and first sight of each request, against the warm figures, with ``note``),
 ``variants[].throughput.mode`` (``mode``: "one call" at a time or "streams", ``streams``: N, both
 modes' median pass seconds and ``same_predictions``) and ``protocol.streams`` (N, how it was chosen,
-the rows with a throughput mode and why the others have none).
+the rows with a throughput mode and why the others have none),
+``reference_model`` (which model is the FP32 reference: ``name``, ``trained_here``; for a ``--trained``
+model fine-tuned elsewhere also ``kind``, ``path``, ``revision``, ``files``) and, on the reference rows of
+such a model, ``variants[].reference_model`` / ``trained_elsewhere``.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 from . import cli
 from .config import TrainConfig
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Stage:
     # main.py's end-to-end defaults for this stage's unset flags: (ns, names of the stages that
     # will run) -> {dest: value}; the stage scripts alone keep their dataclass defaults
     pipeline_defaults: Callable[[argparse.Namespace, set], dict] | None = None
+    # main.py leaves the stage out when this says so (the training stages under --trained)
+    replaced_by: Callable[[argparse.Namespace], bool] | None = None
 
 
 def _lazy(module: str, name: str):
@@ -56,11 +59,30 @@ def build_mixed(ns):
     return cli.build_config(TrainConfig, ns, precision=getattr(ns, "precision", None) or "amp")
 
 
+def _trained(ns) -> bool:
+    return bool(getattr(ns, "trained", None))
+
+
+def add_trained_stage_args(parser):
+    cli.add_common_args(parser)
+    cli.add_trained_args(parser)
+
+
+def build_trained(ns):
+    from .trained_stage import TrainedConfig
+
+    return cli.build_config(TrainedConfig, ns)
+
+
+TRAINED = Stage("trained", "benchmark.py --trained", "a model fine-tuned elsewhere as the FP32 reference "
+                "(writes the baseline stage's directory; enabled by --trained, which skips the training stages)",
+                add_trained_stage_args, build_trained, _lazy("trained_stage", "run_trained"), optional=True,
+                enabled_by=_trained)
 BASELINE = Stage("baseline", "benchmark.py", "FP32 baseline fine-tune (the reference every variant is measured against)",
-                 add_baseline_args, build_baseline, _lazy("train_stage", "run_baseline"))
+                 add_baseline_args, build_baseline, _lazy("train_stage", "run_baseline"), replaced_by=_trained)
 MIXED_PRECISION = Stage("mixed_precision", "mixed_precision.py",
                         "mixed-precision (AMP) fine-tune; skipped where the hardware has no fast half-precision math",
-                        add_mixed_args, build_mixed, _lazy("train_stage", "run_mixed_precision"))
+                        add_mixed_args, build_mixed, _lazy("train_stage", "run_mixed_precision"), replaced_by=_trained)
 
 
 def add_prune_args(parser, standalone: bool = False):
@@ -83,7 +105,14 @@ def add_prune_args(parser, standalone: bool = False):
 
 
 def build_prune(ns):
+    from pathlib import Path
+
     from .config import PruneConfig
+
+    if _trained(ns) and Path(getattr(ns, "dataset", None) or "").is_file():
+        raise ConfigError(f"prune re-fine-tunes the --trained model and needs training data, but --dataset "
+                          f"{ns.dataset} is one file, which --trained evaluates on: give a directory with "
+                          "train and dev files")
 
     return cli.build_config(PruneConfig, ns, precision="fp32")
 
@@ -111,7 +140,7 @@ COMPARE = Stage("compare", "compare.py",
                 _lazy("compare.config", "add_compare_args"), _lazy("compare.config", "build_compare"),
                 _lazy("compare.stage", "run"), pipeline_defaults=lambda ns, running: {"protocol_name": "fast"})
 
-STAGES: list[Stage] = [BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
+STAGES: list[Stage] = [TRAINED, BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
 
 
 def by_name() -> dict[str, Stage]:

@@ -18,6 +18,7 @@ from .. import gpu_measure as gm
 from .. import results as results_mod
 from .config import (BASELINE_ROW, EFFICIENCY_CELL, FIRST_USE_RATIO, PADDED_BATCH, PADDED_LENGTH, REFERENCE,
                      usable_cores)
+from .discover import reference_model
 from .recommend import recommend, recommendation_entry
 from .targets import evaluate_targets
 
@@ -37,7 +38,7 @@ def _training_summary(manifests: dict) -> dict:
         keys = ("precision", "device", "train_time_s", "train_samples", "samples_per_s", "peak_memory_mb",
                 "peak_memory_kind", "best_eval_accuracy", "final_eval_accuracy", "best_epoch", "epochs",
                 "loss_curve", "train_rows", "eval_rows", "parameters", "trainable_parameters", "skipped_steps",
-                "eval_curve", "best_step", "stopped_early", "resumed_from")
+                "eval_curve", "best_step", "stopped_early", "resumed_from", "trained_here")
         out[stage] = {"status": m.get("status"), "reason": m.get("reason"), **{k: met.get(k) for k in keys}}
     return out
 
@@ -263,6 +264,7 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
                                      "after": peak.after["gflops"]},
                      "cpu_matmul_peaks": peak.cpu_types_record(), "gpu_matmul_peaks": peak.gpu},
         "task": _task_entry(s), "baseline_accuracy": baseline_acc, "variants": rows,
+        "reference_model": reference_model(s.manifests["baseline"]),
         "recommendation": recommendation_entry(chosen, message) if chosen else None,
         "recommendation_message": message, "warnings": warnings, "eligibility": verdicts,
         "training": _training_summary(s.manifests),

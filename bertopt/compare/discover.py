@@ -87,9 +87,13 @@ def discover(output_dir: str | os.PathLike, device_pref: str = "auto") -> tuple[
     size = _dir_size(baseline_dir)
     common = dict(backend="torch", precision="fp32", source="baseline", kind="torch", registry="torch-fp32",
                   path=str(baseline_dir), model_dir=str(baseline_dir), size_bytes=size)
-    rows.append(Variant(REFERENCE, device="cpu", batching="padded", **common,
-                        extra={"note": f"eager FP32, every input padded to {PADDED_LENGTH}, batch {PADDED_BATCH}"}))
-    rows.append(Variant(BASELINE_ROW, device="cpu", **common))
+    ref = reference_model(manifests["baseline"])
+    elsewhere = {} if ref["trained_here"] else {"reference_model": ref["name"], "trained_elsewhere": True}
+    note = "" if ref["trained_here"] else f"; the --trained model {ref['name']}, fine-tuned elsewhere"
+    rows.append(Variant(REFERENCE, device="cpu", batching="padded", **common, extra={
+        "note": f"eager FP32, every input padded to {PADDED_LENGTH}, batch {PADDED_BATCH}{note}", **elsewhere}))
+    rows.append(Variant(BASELINE_ROW, device="cpu", **common,
+                        extra={"note": f"eager FP32 reference{note}", **elsewhere} if elsewhere else {}))
     if cuda:
         rows.append(Variant(BASELINE_ROW + "-cuda", device="cuda", **common))
 
@@ -118,6 +122,16 @@ def discover(output_dir: str | os.PathLike, device_pref: str = "auto") -> tuple[
         manifests[f"tensorrt/{source}"] = m
         rows += _trt_rows(m, trt_dir, onnx_dir, source, prefix, cuda)
     return rows, manifests
+
+
+def reference_model(baseline: dict) -> dict:
+    """Which model is the FP32 reference: fine-tuned here by the baseline stage, or a --trained
+    model fine-tuned elsewhere (with where it came from: path or hub id + revision, file hashes)."""
+    origin = baseline.get("origin") or {}
+    if origin.get("trained_here") is False:
+        return {"name": origin.get("model"), "trained_here": False,
+                **{k: origin.get(k) for k in ("kind", "path", "revision", "files")}}
+    return {"name": (baseline.get("config") or {}).get("model"), "trained_here": True}
 
 
 def _trained_rows(out: Path, rows: list, manifests: dict, cuda: bool) -> list[str]:

@@ -234,7 +234,7 @@ def setup(cfg: CompareConfig) -> Setup:
     dcfg = _resolve_data(cfg, manifests["baseline"], proto)
     trained = manifests["baseline"].get("config") or {}
     splits = data_mod.load_splits_for(dcfg, max_train_samples=None, no_header=trained.get("no_header"),
-                                      task=trained.get("task"))
+                                      task=trained.get("task"), eval_only=trained.get("eval_only"))
     texts, labels = splits.eval.texts, np.asarray(splits.eval.labels)
     max_length = int(dcfg["max_length"])
     tokenizer = modeling.load_tokenizer(str(baseline_dir))

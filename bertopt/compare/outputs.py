@@ -133,6 +133,10 @@ def write_summary(results: dict, path: Path) -> str:
     parts.append(f"Recommendation (--optimize-for {results['config']['optimize_for']}, --target "
                  f"{results['config']['target']}, --accuracy-budget {results['config']['accuracy_budget']}): "
                  + (f"**{rec['variant']}** — {rec['reason']}" if rec else f"none — {results.get('recommendation_message')}"))
+    refm = results.get("reference_model") or {}
+    if refm.get("trained_here") is False:
+        parts += ["", f"Reference (FP32 baseline): **{refm.get('name')}**, fine-tuned elsewhere (--trained), "
+                      "not by bertopt."]
     parts += ["", summary_table(results), ""]
     not_run = [r for r in results.get("variants", []) if r["status"] != "ok"]
     if not_run:
