@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, modeling, variants
+from . import artifacts, families, model_files, modeling, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -196,7 +196,7 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
     spec = variants.by_key("onnx", name)
     path = out_dir / spec.file
     info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
-            "reason": None, "size_bytes": ex.file_size(path), "devices": [d for d in spec.devices if d != "cpu"],
+            "reason": None, "size_bytes": model_files.model_bytes(path), "devices": [d for d in spec.devices if d != "cpu"],
             "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
     info["size_pct_of_fp32"] = round(100.0 * info["size_bytes"] / fp32_size, 2)
     try:
@@ -341,7 +341,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         splits = ref.splits
         log.info("reference: PyTorch FP32 on %d eval rows of %s, parity shapes %s", len(splits.eval), splits.source,
                  ", ".join(f"{b}x{s}" for b, s in ex.parity_shapes(ref.max_length)))
-        fp32_size = ex.file_size(out_dir / "model.onnx")
+        fp32_size = model_files.model_bytes(out_dir / "model.onnx")
         variants_: dict[str, dict] = {}
         for name in ["fp32"] + [v for v in OPTIONAL_VARIANTS if v in cfg.variant_list()]:
             t0 = time.perf_counter()
