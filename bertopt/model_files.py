@@ -119,7 +119,10 @@ def save(model, path: str | os.PathLike) -> list[Path]:
     if needs_external(tensor_bytes(model)):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024, convert_attribute=False)
-        return [path] + ([data] if data.is_file() else [])
+        if not data.is_file():  # no tensor large enough to move out
+            return [path]
+        os.chmod(data, path.stat().st_mode & 0o777)  # onnx creates it 0600: give it the model file's mode
+        return [path, data]
     onnx.save_model(model, str(path))
     return [path]
 
@@ -135,6 +138,7 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
     if files == ([src, data_file(src)] if big else [src]) and (not big or src.name == dst.name):
         data_file(dst).unlink(missing_ok=True)
         if big:
+            os.chmod(data_file(src), src.stat().st_mode & 0o777)
             os.replace(data_file(src), data_file(dst))
         os.replace(src, dst)
         return [dst, data_file(dst)] if big else [dst]

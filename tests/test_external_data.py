@@ -97,6 +97,7 @@ def test_model_files_rule_and_errors(tmp_path, monkeypatch):
     model_files.data_file(path).write_bytes(b"stale")             # never appended to
     assert model_files.save(onnx.load_from_string(model.SerializeToString()), path) == [path, tmp_path / "m.onnx.data"]
     assert model_files.model_bytes(path) == path.stat().st_size + 64 * 64 * 4
+    assert (tmp_path / "m.onnx.data").stat().st_mode == path.stat().st_mode   # readable like the model file
     model_files.move(path, tmp_path / "n.onnx")                  # renamed: the location follows the new name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.onnx", "n.onnx.data"]
     assert onnx.load(str(tmp_path / "n.onnx")).graph.initializer[0].raw_data == w.raw_data
