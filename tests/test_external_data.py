@@ -189,3 +189,27 @@ def test_the_registry_files_are_what_the_stage_wrote(external_out):
     d = external_out / "onnx" / "baseline"
     for spec in variants.for_stage("onnx", "onnxruntime"):
         assert (d / spec.file).is_file() and model_files.data_file(d / spec.file).is_file(), spec.name
+
+
+def test_tensorrt_parses_the_file_by_path_so_its_data_is_found(external_out, tmp_path):
+    """build_engine hands the parser the model's path (a fake parser loads it the way TensorRT does:
+    external data relative to the file), never bytes that would lose the data file."""
+    import onnx
+    from test_tensorrt import _Recorder, fake_tensorrt
+
+    from bertopt import tensorrt as trt_mod
+
+    rec = _Recorder()
+    trt = fake_tensorrt(rec)
+    loaded = {}
+
+    def parse_from_file(self, path):
+        model = onnx.load(path)   # raises when model.onnx.data is not beside it
+        loaded[Path(path).name] = sum(len(t.raw_data) for t in model.graph.initializer)
+        return True
+
+    trt.OnnxParser.parse_from_file = parse_from_file
+    onnx_dir = external_out / "onnx" / "baseline"
+    plan = trt_mod.precision_plan("fp32", trt_mod.capabilities(trt), onnx_dir)
+    trt_mod.build_engine(trt, plan, tmp_path / "model.fp32.plan", trt_mod.make_profile("1x1", "8x64", None, 64), 256)
+    assert loaded["model.onnx"] >= model_files.data_file(onnx_dir / "model.onnx").stat().st_size
