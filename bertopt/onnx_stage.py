@@ -243,7 +243,7 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
 # ----------------------------------------------------------------------------- converters
 # the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
 def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    return build_fused(ref.model.config, out_dir / spec.built_from, out_dir / spec.file)
+    return build_fused(ref.config, out_dir / spec.built_from, out_dir / spec.file)
 
 
 def build_fused(config, src: Path, dst: Path) -> dict:
@@ -369,13 +369,16 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                 info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
             variants_[name] = info
             (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
+            if name == "fp32":
+                ref.release_model()  # the PyTorch outputs exist now; the converters need the memory
+            model_files.release_memory()
         metrics = {
             "source": source.name, "source_dir": str(source.model_dir),
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
                           "metric": ref.spec.metric, "task": ref.spec.task,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
-            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
+            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.config),
             "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
             "accuracy_budget": cfg.onnx_accuracy_budget, "parity_tolerance": cfg.parity_tolerance,
