@@ -186,13 +186,19 @@ def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hid
              model_type: str = "bert", require_attention: bool = True) -> dict:
     """Offline graph fusion with onnxruntime.transformers.optimizer (no ORT runtime level: the
     saved graph stays portable between CPU and CUDA). Fails when no Attention was fused."""
+    import onnx
     from onnxruntime.transformers import optimizer
 
-    load_onnx(src, data=False)  # clear error on a bad input
-    with quiet_quantizer_logs():
-        opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads,
+    # the graph without its external weights: every fusion's shape-inference helper copies the whole
+    # model (4-5 copies of xlm-roberta-large's 2.24 GB at once); the weights a fusion reads load
+    # from beside the file (onnx resolves them against the working directory), the rest before saving
+    model = load_onnx(src, data=False)  # also a clear error on a bad input
+    with quiet_quantizer_logs(), contextlib.chdir(Path(src).resolve().parent):
+        opt = optimizer.optimize_model(model, model_type=model_type, num_heads=num_heads,
                                        hidden_size=hidden_size, opt_level=0)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.shape_infer_helper = None
+    onnx.external_data_helper.load_external_data_for_model(opt.model, str(Path(src).resolve().parent))
     if require_attention and not stats.get("Attention", 0) and not stats.get("MultiHeadAttention", 0):
         raise NoAttentionFused(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
                           f"(fusions: {stats or 'none'}); the graph was probably exported with SDPA attention "

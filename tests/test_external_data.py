@@ -68,6 +68,7 @@ def test_external_data_models_match_pytorch(external_out):
     variants_ = _manifest(external_out)["metrics"]["variants"]
     for key in ("fp32", "opt"):
         assert variants_[key]["parity"]["max_abs_diff"] <= 1e-4 and variants_[key]["status"] == "ok"
+    assert variants_["opt"]["fused_operators"]["Attention"] == 2   # fused from the graph without its weights
     assert variants_["int8"]["parity"]["argmax_agreement"] > 0.8
     assert "MatMulNBits" in variants_["int4"]["quantized_operators"]
     assert variants_["qdq"]["quantized_operators"]["QuantizeLinear"] > 0
