@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     try:
         cfg = smoke.SmokeConfig(model=ns.model, data_dir=ns.data_dir, out=ns.out, rows=ns.rows, epochs=ns.epochs,
                                 repeats=ns.repeats, bert_base=ns.bert_base, skip_compare=ns.skip_compare,
-                                device=ns.device)
+                                device=ns.device, external_data=ns.external_data)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from . import model_files
 from . import variants as _variants
 from .errors import ModelError, PipelineError, first_line
 
@@ -61,23 +62,20 @@ class NoAttentionFused(ExportError):
 
 # ----------------------------------------------------------------------------- helpers
 def file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk; an OpenVINO IR (.xml) counts its weights file (.bin) too."""
-    path = Path(path)
-    size = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        size += path.with_suffix(".bin").stat().st_size
-    return size
+    """Bytes on disk of a model, its external data (or an OpenVINO IR's .bin) included."""
+    return model_files.model_bytes(path)
 
 
-def load_onnx(path: str | os.PathLike):
-    """onnx.load with a ModelError naming the file when it is missing, truncated or not ONNX."""
+def load_onnx(path: str | os.PathLike, data: bool = True):
+    """onnx.load with a ModelError naming the file when it is missing, truncated or not ONNX
+    (``data=False``: the graph only, external weights left on disk)."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"ONNX file not found: {path} (run `python onnx_tensorrt.py` to create it)")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=data)
     except Exception as exc:  # google.protobuf DecodeError, OSError, ...
         raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)}); the file is corrupt or "
                          "truncated: re-create it with `python onnx_tensorrt.py --force`") from None
@@ -90,7 +88,7 @@ def load_onnx(path: str | os.PathLike):
 def op_counts(path_or_model) -> dict[str, int]:
     from collections import Counter
 
-    model = load_onnx(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
+    model = load_onnx(path_or_model, data=False) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
     return dict(Counter(n.op_type for n in model.graph.node))
 
 
@@ -160,25 +158,26 @@ def export_onnx(model_dir: str | os.PathLike, out_path: str | os.PathLike, opset
         def forward(self, *inputs):
             return self.inner(**dict(zip(names, inputs))).logits
 
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        torch.onnx.export(_Logits(model), args, str(tmp), input_names=list(names), output_names=[OUTPUT_NAME],
-                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+    import onnx
+
+    # a model over 2 GB comes out of torch.onnx.export as one loose file per tensor: export into a
+    # private directory, and let model_files put it beside out_path by the rule (one .onnx.data)
+    with model_files.scratch(out_path) as tmp:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.onnx.export(_Logits(model), args, str(tmp), input_names=list(names), output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+        config, model = model.config, None  # free the torch weights before the ONNX ones are loaded
+        onnx.checker.check_model(str(tmp))
     tracer = [w for w in caught if w.category.__name__ == "TracerWarning"]
     if tracer:
         log.debug("export: %d tracer warning(s) (shape checks in transformers' mask code; parity is "
                   "verified below on shapes the model was not traced with)", len(tracer))
-    import onnx
-
-    onnx.checker.check_model(str(tmp))
-    os.replace(tmp, out_path)
     return {"opset": opset, "input_names": list(names), "output_names": [OUTPUT_NAME],
             "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in axes.items()},
             "attn_implementation": "eager", "exporter": "torchscript (dynamo=False)",
-            "num_heads": int(model.config.num_attention_heads), "hidden_size": int(model.config.hidden_size),
-            "num_layers": int(getattr(model.config, "num_hidden_layers", 0)),
+            "num_heads": int(config.num_attention_heads), "hidden_size": int(config.hidden_size),
+            "num_layers": int(getattr(config, "num_hidden_layers", 0)),
             "export_s": round(time.perf_counter() - start, 2)}
 
 
@@ -187,18 +186,24 @@ def optimize(src: str | os.PathLike, dst: str | os.PathLike, num_heads: int, hid
              model_type: str = "bert", require_attention: bool = True) -> dict:
     """Offline graph fusion with onnxruntime.transformers.optimizer (no ORT runtime level: the
     saved graph stays portable between CPU and CUDA). Fails when no Attention was fused."""
+    import onnx
     from onnxruntime.transformers import optimizer
 
-    load_onnx(src)  # clear error on a bad input
-    with quiet_quantizer_logs():
-        opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads,
+    # the graph without its external weights: every fusion's shape-inference helper copies the whole
+    # model (4-5 copies of xlm-roberta-large's 2.24 GB at once); the weights a fusion reads load
+    # from beside the file (onnx resolves them against the working directory), the rest before saving
+    model = load_onnx(src, data=False)  # also a clear error on a bad input
+    with quiet_quantizer_logs(), contextlib.chdir(Path(src).resolve().parent):
+        opt = optimizer.optimize_model(model, model_type=model_type, num_heads=num_heads,
                                        hidden_size=hidden_size, opt_level=0)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.shape_infer_helper = None
+    onnx.external_data_helper.load_external_data_for_model(opt.model, str(Path(src).resolve().parent))
     if require_attention and not stats.get("Attention", 0) and not stats.get("MultiHeadAttention", 0):
         raise NoAttentionFused(f"{src}: the ONNX Runtime transformer optimizer fused 0 Attention nodes "
                           f"(fusions: {stats or 'none'}); the graph was probably exported with SDPA attention "
                           "or the architecture is not BERT-like, so model.opt.onnx would be no faster")
-    opt.save_model_to_file(str(dst), use_external_data_format=False)
+    model_files.save(opt, dst)
     return {"fused_operators": stats}
 
 
@@ -232,11 +237,12 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, per_channel: b
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    load_onnx(src)
-    with quiet_quantizer_logs():
-        quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+    load_onnx(src, data=False)
+    with quiet_quantizer_logs(), model_files.scratch(dst) as tmp:
+        quantize_dynamic(str(src), str(tmp), per_channel=per_channel, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8, nodes_to_exclude=list(nodes_to_exclude) or None,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                         use_external_data_format=model_files.external_for(src))
     return {"method": "quantize_dynamic", "per_channel": per_channel, "reduce_range": reduce_range,
             "weight_type": "QInt8", "activation_type": "QUInt8 (dynamic)",
             "nodes_to_exclude": list(nodes_to_exclude),
@@ -259,11 +265,12 @@ def quantize_int4(src: str | os.PathLike, dst: str | os.PathLike, block_size: in
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
 
-    model = load_onnx(src)
+    model = load_onnx(src, data=False)  # the converter serializes the graph: weights join after it
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 21:  # int4 tensors (GatherBlockQuantized) need opset 21 / IR 10
         model = version_converter.convert_version(model, 21)
         model.ir_version = max(model.ir_version, 10)
+    onnx.external_data_helper.load_external_data_for_model(model, str(Path(src).parent))
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                           accuracy_level=accuracy_level, bits=4,
                                           op_types_to_quantize=("MatMul", "Gather"),
@@ -271,7 +278,7 @@ def quantize_int4(src: str | os.PathLike, dst: str | os.PathLike, block_size: in
     with quiet_quantizer_logs():
         quantizer = MatMulNBitsQuantizer(model, algo_config=config)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        model_files.save(quantizer.model, dst)
     counts = op_counts(dst)
     if not counts.get("MatMulNBits"):
         raise ExportError(f"{src}: the 4-bit quantizer replaced no MatMul (no constant-weight MatMul found)")
@@ -287,12 +294,10 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike,
     float16 converter inserts the casts). Made from the plain graph, so TensorRT can parse it."""
     from onnxruntime.transformers import float16
 
-    model = load_onnx(src)
-    with quiet_quantizer_logs():
-        model16 = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32))
-    import onnx
-
-    onnx.save(model16, str(dst))
+    load_onnx(src, data=False)
+    with quiet_quantizer_logs():  # from the path: shape inference by file works above 2 GB
+        model16 = float16.convert_float_to_float16(str(src), keep_io_types=True, op_block_list=list(keep_fp32))
+    model_files.save(model16, dst)
     return {"method": "onnxruntime.transformers.float16", "keep_io_types": True, "fp32_ops": list(keep_fp32)}
 
 
@@ -351,7 +356,7 @@ def quantize_qdq(src: str | os.PathLike, dst: str | os.PathLike, calibration_fee
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    model = load_onnx(src)
+    model = load_onnx(src, data=False)
     if not calibration_feeds:
         raise ExportError("static INT8 (qdq) needs calibration data, got none")
     nodes_to_exclude = list(nodes_to_exclude) + (ffn_output_matmuls(model) if exclude_ffn_output else [])
@@ -359,12 +364,12 @@ def quantize_qdq(src: str | os.PathLike, dst: str | os.PathLike, calibration_fee
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
-    with quiet_quantizer_logs():
-        quantize_static(str(src), str(dst), _FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
+    with quiet_quantizer_logs(), model_files.scratch(dst) as tmp:  # the calibration copies follow the rule too
+        quantize_static(str(src), str(tmp), _FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(nodes_to_exclude) or None, calibrate_method=methods[method],
-                        extra_options=extra)
+                        extra_options=extra, use_external_data_format=model_files.external_for(src))
     counts = op_counts(dst)
     return {"method": "quantize_static (QDQ)", "calibration": method, "per_channel": per_channel,
             "symmetric": True, "activation_type": "QInt8", "weight_type": "QInt8", "op_types": list(op_types),
@@ -423,7 +428,7 @@ def quantize_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: Sequenc
     import openvino as ov
 
     start = time.perf_counter()
-    load_onnx(src)  # a clear error on a bad input
+    load_onnx(src, data=False)  # a clear error on a bad input (OpenVINO reads the external data itself)
     model = ov.Core().read_model(str(src))
     names = [i.get_any_name() for i in model.inputs]
     dataset = nncf.Dataset(list(feeds), lambda b: {n: b[n] for n in names})

@@ -56,6 +56,7 @@ class SmokeConfig:
     bert_base: bool = False
     skip_compare: bool = False
     device: str = "cuda"  # "cpu" rehearses every row on the CPU (checks the code paths; figures mean nothing)
+    external_data: bool = False  # every ONNX file with its weights in <name>.onnx.data (the > 2 GB layout)
 
     def __post_init__(self):
         p = [f"--{name.replace('_', '-')} must be an integer >= {low} (got {getattr(self, name)!r})"
@@ -252,11 +253,22 @@ def onnx_rows(cfg: SmokeConfig, data_dir: str, texts: list[str], cuda: bool) -> 
         return stage
     onnx_dir = Path(cfg.out) / "saved_models" / "onnx" / "baseline"
     ref = _reference_logits(str(baseline), texts, cfg.max_length)
-    rows = stage
+    rows = stage + _safe("onnx-layout", lambda: _layout_row(cfg, onnx_dir))
     for variant, file in ORT_GPU_FILES:
         rows += _safe(f"ort-{variant}-cuda", lambda v=variant, f=file: _ort_cuda_row(cfg, onnx_dir / f, v, baseline,
                                                                                     texts, ref))
     return rows + _trt_rows(cfg, baseline, texts, ref)
+
+
+def _layout_row(cfg: SmokeConfig, onnx_dir: Path) -> Row:
+    """Each ONNX model is one .onnx plus at most one data file (with --external-data: exactly one,
+    so the CUDA and TensorRT rows below read the external-data layout)."""
+    from . import model_files
+
+    layout = {p.name: [f.name for f in model_files.model_files(p)] for p in sorted(onnx_dir.glob("*.onnx"))}
+    bad = [n for n, files in layout.items() if len(files) > 2 or (cfg.external_data and len(files) != 2)]
+    return Row("onnx-layout", "failed" if bad else "ok", f"unexpected layout: {', '.join(bad)}" if bad else None,
+               {"files": layout, "bytes": {n: model_files.model_bytes(onnx_dir / n) for n in layout}})
 
 
 def _onnx_stage(cfg: SmokeConfig, data_dir: str) -> Row:
@@ -324,7 +336,25 @@ def compare_row(cfg: SmokeConfig, data_dir: str, cuda: bool) -> Row:
 
 # ----------------------------------------------------------------------------- the run
 def run(cfg: SmokeConfig) -> dict:
-    """Every row, in order; returns (and writes to ``<out>/gpu_smoke.json``) the whole result."""
+    """Every row, in order; returns (and writes to ``<out>/gpu_smoke.json``) the whole result.
+    ``--external-data``: the threshold of :mod:`bertopt.model_files` is 0 for the run (restored after)."""
+    import os
+
+    from .model_files import THRESHOLD_ENV
+
+    saved = os.environ.get(THRESHOLD_ENV)
+    if cfg.external_data:
+        os.environ[THRESHOLD_ENV] = "0"
+    try:
+        return _run(cfg)
+    finally:
+        if saved is None:
+            os.environ.pop(THRESHOLD_ENV, None)
+        else:
+            os.environ[THRESHOLD_ENV] = saved
+
+
+def _run(cfg: SmokeConfig) -> dict:
     from . import data as data_mod
     from . import modeling
 
@@ -334,7 +364,7 @@ def run(cfg: SmokeConfig) -> dict:
     model = modeling.resolve_model(cfg.model or modeling.DEFAULT_MODEL)
     data_dir, data_note = resolve_data(cfg)
     texts = data_mod.load_splits("sst2", data_dir, None, None, None, 256, 0).eval.texts
-    facts.update(_backend_facts(), model=model, data=data_note)
+    facts.update(_backend_facts(), model=model, data=data_note, external_data=cfg.external_data)
     rows = train_rows(cfg, model, data_dir, cuda)
     rows += torch_inference_rows(cfg, _trained_or(cfg, model), texts, cuda)
     if cfg.bert_base:
@@ -411,3 +441,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-compare", action="store_true", help="leave out compare --quick --target gpu")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to rehearse every row on "
                         "the CPU (checks the code paths before a GPU run; the figures mean nothing)")
+    parser.add_argument("--external-data", action="store_true",
+                        help="save every ONNX file with its weights in one <name>.onnx.data (the layout of models "
+                             "over 2 GB), so the ONNX Runtime CUDA and TensorRT rows read external data")

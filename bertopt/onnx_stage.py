@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, modeling, variants
+from . import artifacts, families, model_files, modeling, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -196,7 +196,7 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
     spec = variants.by_key("onnx", name)
     path = out_dir / spec.file
     info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
-            "reason": None, "size_bytes": ex.file_size(path), "devices": [d for d in spec.devices if d != "cpu"],
+            "reason": None, "size_bytes": model_files.model_bytes(path), "devices": [d for d in spec.devices if d != "cpu"],
             "parity": None, "accuracy": None, "accuracy_delta": None, **facts}
     info["size_pct_of_fp32"] = round(100.0 * info["size_bytes"] / fp32_size, 2)
     try:
@@ -245,7 +245,7 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
 # ----------------------------------------------------------------------------- converters
 # the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
 def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    return build_fused(ref.model.config, out_dir / spec.built_from, out_dir / spec.file)
+    return build_fused(ref.config, out_dir / spec.built_from, out_dir / spec.file)
 
 
 def build_fused(config, src: Path, dst: Path) -> dict:
@@ -352,7 +352,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         splits = ref.splits
         log.info("reference: PyTorch FP32 on %d eval rows of %s, parity shapes %s", len(splits.eval), splits.source,
                  ", ".join(f"{b}x{s}" for b, s in ex.parity_shapes(ref.max_length)))
-        fp32_size = ex.file_size(out_dir / "model.onnx")
+        fp32_size = model_files.model_bytes(out_dir / "model.onnx")
         variants_: dict[str, dict] = {}
         for name in ["fp32"] + [v for v in OPTIONAL_VARIANTS if v in cfg.variant_list()]:
             t0 = time.perf_counter()
@@ -380,13 +380,16 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                 info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
             variants_[name] = info
             (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
+            if name == "fp32":
+                ref.release_model()  # the PyTorch outputs exist now; the converters need the memory
+            model_files.release_memory()
         metrics = {
             "source": source.name, "source_dir": str(source.model_dir),
             "label_names": list(splits.label_names),
             "reference": {"backend": "torch", "precision": "fp32", "accuracy": ref.torch_accuracy,
                           "metric": ref.spec.metric, "task": ref.spec.task,
                           "eval_rows": len(splits.eval), "dataset": splits.source},
-            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.model),
+            "max_length": ref.max_length, "max_positions": modeling.max_positions(ref.config),
             "export": export_facts,
             "parity_shapes": [list(s) for s in ex.parity_shapes(ref.max_length)],
             "accuracy_budget": cfg.onnx_accuracy_budget, "parity_tolerance": cfg.parity_tolerance,

@@ -35,6 +35,20 @@ class Reference:
         return modeling.load_model(str(self.source.model_dir), attn_implementation="eager").eval()
 
     @cached_property
+    def config(self):
+        return self.model.config
+
+    def release_model(self) -> None:
+        """Drop the PyTorch weights once the reference outputs exist (a large model's converters
+        need the memory: xlm-roberta-large's 2.24 GB would sit beside each of them); what was derived
+        from the model stays, and a later use of ``model`` / ``torch`` loads it again."""
+        for name in ("torch_shape_logits", "torch_eval_logits", "torch_accuracy", "input_names", "max_length",
+                     "config"):
+            getattr(self, name)
+        self.__dict__.pop("torch", None)
+        self.__dict__.pop("model", None)
+
+    @cached_property
     def max_length(self) -> int:
         from . import modeling
 

@@ -263,6 +263,7 @@ def build_engine(trt, plan: dict, plan_path: str | os.PathLike, profile: Profile
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan["strongly_typed"] else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
+    # from the file's path, never parse(bytes): the parser finds a model's <name>.onnx.data beside it
     if not parser.parse_from_file(plan["onnx"]):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {plan['onnx']}: {errors or 'unknown parser error'}")

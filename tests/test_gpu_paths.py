@@ -4,6 +4,7 @@ peaks, per-process GPU memory, AMP precision by compute capability, and the inst
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -482,9 +483,13 @@ def test_gpu_smoke_rehearsal_runs_every_row_on_the_cpu(tmp_path, tiny_model_dir)
     from bertopt import gpu_smoke as smoke
 
     cfg = smoke.SmokeConfig(model=tiny_model_dir, out=str(tmp_path), rows=48, repeats=1, skip_compare=True,
-                            device="cpu", data_dir=str(tmp_path / "none"))
+                            device="cpu", data_dir=str(tmp_path / "none"), external_data=True)
     res = smoke.run(cfg)
     rows = {r["name"]: r for r in res["rows"]}
+    layout = rows["onnx-layout"]   # --external-data: every ONNX file the GPU rows read has its one data file
+    assert layout["status"] == "ok" and res["environment"]["external_data"] is True
+    assert layout["figures"]["files"]["model.onnx"] == ["model.onnx", "model.onnx.data"]
+    assert "BERTOPT_EXTERNAL_DATA_BYTES" not in os.environ
     assert rows["train-fp32"]["status"] == "ok" and rows["train-fp32"]["figures"]["samples_per_s"] > 0
     assert rows["train-fp16"]["status"] == "skipped" and "CUDA-only" in rows["train-fp16"]["reason"]
     fp32 = rows["infer-torch-fp32"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .. import artifacts
+from .. import artifacts, model_files
 from .. import results as results_mod
 from .. import variants as registry
 from ..errors import ConfigError, MissingArtifact, ModelError, PipelineError
@@ -143,7 +143,7 @@ def _from_path(cfg) -> ModelChoice:
                        label_names=metrics.get("label_names") or _config_labels(model_dir),
                        max_length=_manifest_max_length(manifest, default=cfg.max_length), origin=what,
                        source=metrics.get("source"), devices=tuple((entry or {}).get("devices") or ("cpu",)),
-                       inputs={str(onnx_file): _file_digest(onnx_file)})
+                       inputs={str(f): _file_digest(f) for f in model_files.model_files(onnx_file)})
 
 
 def _parse_variant(spec: str) -> tuple[str, str]:
@@ -236,7 +236,8 @@ def _from_recommendation(cfg) -> ModelChoice:
     _check_model_dir(model_dir, what)
     if backend in FILE_BACKENDS:
         manifest, entry = _onnx_variant_info(model_path.parent, model_path.name)
-        identity = artifacts.manifest_digest(model_path.parent) or _file_digest(model_path)
+        identity = artifacts.manifest_digest(model_path.parent) or "".join(
+            _file_digest(f) for f in model_files.model_files(model_path))  # its external data / .bin too
     else:
         manifest, entry = artifacts.read_manifest(model_path), None
         identity = artifacts.manifest_digest(model_path) or _file_digest(model_path / "config.json")

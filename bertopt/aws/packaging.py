@@ -21,9 +21,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import artifacts, staging
+from .. import artifacts, model_files, staging
 from ..errors import ConfigError, ModelError, PipelineError
-from .choice import FILE_BACKENDS, TORCH_WEIGHTS, ModelChoice, _file_digest
+from .choice import FILE_BACKENDS, ModelChoice, _file_digest
 
 log = logging.getLogger("bertopt.aws.packaging")
 
@@ -46,6 +46,7 @@ class ArchiveInfo:
     sha256: str
     size_bytes: int
     members: list
+    model_bytes: int = 0    # the model's own files (bertopt.model_files.model_bytes), inside size_bytes' archive
 
 
 # ---------------------------------------------------------------------------- vendored modules
@@ -154,24 +155,13 @@ def requirements_text(reqs: list[str], vendored: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------ archive
-def _onnx_external_files(onnx_file: Path) -> list[Path]:
-    """External-data files an ONNX model refers to (they must travel with it)."""
-    import onnx
-
-    model = onnx.load(str(onnx_file), load_external_data=False)
-    names = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    names.add(entry.value)
-    files = []
-    for name in sorted(names):
-        path = (onnx_file.parent / name).resolve()
-        if not path.is_file():
-            raise ModelError(f"{onnx_file}: its external data file {name} is missing")
-        files.append(path)
-    return files
+def model_members(choice: ModelChoice) -> dict[str, Path]:
+    """The model's own files (archive name -> path), from the one helper that knows them: an ONNX
+    file and its external data, an OpenVINO IR's .xml and .bin, a save_pretrained model's weights."""
+    files = model_files.model_files(choice.path)
+    if not files:
+        raise ModelError(f"{choice.path}: no model weights found there")
+    return {f.name: f for f in files}
 
 
 def serving_settings(choice: ModelChoice, cfg) -> dict:
@@ -208,21 +198,7 @@ def _task_settings(choice: ModelChoice, cfg) -> dict:
 
 def archive_members(choice: ModelChoice, cfg) -> list[tuple[str, object]]:
     """(archive name, source Path or bytes) for every member of model.tar.gz."""
-    members: dict[str, object] = {}
-    if choice.backend == "onnxruntime":
-        members[choice.path.name] = choice.path
-        for f in _onnx_external_files(choice.path):
-            members[f.name] = f
-    elif choice.backend == "openvino":  # model.onnx, or OpenVINO IR: the .xml and its .bin weights
-        members[choice.path.name] = choice.path
-        if choice.path.suffix == ".xml":
-            members[choice.path.with_suffix(".bin").name] = choice.path.with_suffix(".bin")
-    else:
-        for name in TORCH_WEIGHTS:
-            if (choice.path / name).is_file():
-                members[name] = choice.path / name
-        for f in sorted(choice.path.glob("model-*.safetensors")) + sorted(choice.path.glob("pytorch_model-*.bin")):
-            members[f.name] = f
+    members: dict[str, object] = dict(model_members(choice))  # the model with its external data / .bin
     for name in TOKENIZER_FILES:
         if (choice.model_dir / name).is_file():
             members.setdefault(name, choice.model_dir / name)
@@ -282,10 +258,25 @@ def build_archive(choice: ModelChoice, cfg, dest: Path) -> ArchiveInfo:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    info = ArchiveInfo(dest, _file_digest(dest, 64), dest.stat().st_size, [n for n, _ in members])
-    log.info("packaged %s (%s, %.1f MB, %d files): %s", dest, choice.variant, info.size_bytes / 1e6,
-             len(info.members), ", ".join(info.members))
+    info = ArchiveInfo(dest, _file_digest(dest, 64), dest.stat().st_size, [n for n, _ in members],
+                       check_model_members(choice, members))
+    log.info("packaged %s (%s, model %.1f MB, archive %.1f MB, %d files): %s", dest, choice.variant,
+             info.model_bytes / 1e6, info.size_bytes / 1e6, len(info.members), ", ".join(info.members))
     return info
+
+
+def check_model_members(choice: ModelChoice, members: list) -> int:
+    """Every byte of the model is in the archive (its external data or .bin included); returns the
+    model's size as :func:`bertopt.model_files.model_bytes` counts it."""
+    packed = dict(members)
+    expected = model_members(choice)
+    missing = [n for n in expected if n not in packed]
+    carried = sum(Path(packed[n]).stat().st_size for n in expected if n in packed and not isinstance(packed[n], bytes))
+    total = model_files.model_bytes(choice.path)
+    if missing or carried != total:
+        raise ModelError(f"model.tar.gz would not carry all of {choice.path}: missing {', '.join(missing) or '-'}, "
+                         f"{carried} of {total} bytes")
+    return total
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:

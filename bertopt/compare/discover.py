@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .. import artifacts, variants
+from .. import artifacts, model_files, variants
+from ..errors import PipelineError
 from .config import BASELINE_ROW, PADDED_BATCH, PADDED_LENGTH, REFERENCE, SOURCE_PREFIX
 
 
@@ -47,8 +48,16 @@ class Variant:
 
 
 def _dir_size(directory: Path) -> int:
-    names = ("model.safetensors", "pytorch_model.bin")
-    return sum((directory / n).stat().st_size for n in names if (directory / n).is_file())
+    return model_files.model_bytes(directory)
+
+
+def _model_size(path: Path, recorded: Optional[int]) -> Optional[int]:
+    """A model file's bytes as they are now, its external data included (the manifest's figure
+    when the file is gone)."""
+    try:
+        return model_files.model_bytes(path)
+    except (OSError, PipelineError):
+        return recorded
 
 
 def _cuda_available() -> bool:
@@ -198,7 +207,8 @@ def _onnx_rows(manifest: dict, onnx_dir: Path, source: str, prefix: str, ort_cud
         base = dict(backend=spec.backend, precision=v.get("precision") or spec.precision, source=source,
                     kind="onnx", registry=spec.name,
                     path=str(onnx_dir / v["file"]) if v.get("file") else None, model_dir=str(onnx_dir),
-                    variant=key, size_bytes=v.get("size_bytes"),
+                    variant=key, size_bytes=_model_size(onnx_dir / v["file"], v.get("size_bytes"))
+                    if v.get("file") else v.get("size_bytes"),
                     extra={"export_parity": v.get("parity"), "export_accuracy": v.get("accuracy"),
                            "export_accuracy_delta": v.get("accuracy_delta")})
         status, reason = v.get("status") or "failed", v.get("reason")
