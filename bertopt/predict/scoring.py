@@ -138,6 +138,15 @@ def choose(cfg):
     return resolve_model(ns)
 
 
+def scorer_info(cfg, choice) -> Scorer:
+    """The chosen variant's task, labels, columns and threshold, without loading it (Batch Transform)."""
+    record = _training_record(cfg.output_dir, choice.source)
+    return Scorer(None, None, choice.variant, list(record.get("label_names") or choice.label_names),
+                  record.get("task") or tasks.CLASSIFICATION, choice.max_length, record.get("long_text") or "truncate",
+                  record.get("stride"), _threshold(record), bool(record.get("pairs")),
+                  list(record.get("text_columns") or []), cfg.batch or DEFAULT_BATCH, choice.origin)
+
+
 def open_scorer(cfg, choice=None) -> Scorer:
     """Load the chosen variant's predictor and tokenizer (``choice``: already resolved)."""
     from .. import modeling, runtimes, variants
@@ -150,12 +159,9 @@ def open_scorer(cfg, choice=None) -> Scorer:
         if spec is None:
             raise PipelineError(f"{choice.variant}: not a registered variant (see bertopt/variants.py)")
         predictor = runtimes.open_predictor(spec, Path(choice.path), threads=cfg.threads, device="cpu")
-    record = _training_record(cfg.output_dir, choice.source)
-    scorer = Scorer(predictor, modeling.load_tokenizer(str(choice.model_dir)), choice.variant,
-                    list(record.get("label_names") or choice.label_names), record.get("task") or tasks.CLASSIFICATION,
-                    choice.max_length, record.get("long_text") or "truncate", record.get("stride"),
-                    _threshold(record), bool(record.get("pairs")), list(record.get("text_columns") or []),
-                    cfg.batch or _row_batch(cfg, choice.variant), choice.origin)
+    scorer = scorer_info(cfg, choice)
+    scorer.predictor, scorer.tokenizer = predictor, modeling.load_tokenizer(str(choice.model_dir))
+    scorer.batch = cfg.batch or _row_batch(cfg, choice.variant)
     log.info("scoring with %s (%s, %s; %s): task %s, labels %s, max length %d, long text %s, batches of <= %d",
              scorer.variant, choice.backend, choice.precision, choice.origin, scorer.task, scorer.label_names,
              scorer.max_length, scorer.long_text, scorer.batch)

@@ -57,7 +57,7 @@ def run(cfg: PredictConfig) -> StageResult:
     print_config("predict", cfg)
     dest = output_path(cfg)
     if cfg.remote:
-        from ..aws.transform import run_transform
+        from ..aws.jobs.transform import run_transform
 
         stats = run_transform(cfg, dest)
     else:
