@@ -304,3 +304,87 @@ def test_the_entry_point_under_torchrun_trains_data_parallel(tmp_path, tiny_data
           str(ROOT / "sagemaker_entry.py")], tmp_path, env)
     manifest = json.loads((Path(env["SM_MODEL_DIR"]) / "baseline" / "manifest.json").read_text())
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["distributed_backend"] == "gloo"
+
+
+# ------------------------------------------------------------------------------------------ cleanup
+def _moto_job(s3, sm, logs, name: str, tagged: bool, transform: bool = False) -> None:
+    prefix = f"bertopt/jobs/{name}"
+    for key in ("source/sourcedir.tar.gz", "input/train/train.tsv", "output/model.tar.gz"):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=b"x")
+    tags = [{"Key": "bertopt:project", "Value": "bertopt"}] if tagged else [{"Key": "team", "Value": "other"}]
+    if transform:
+        sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={"Image": "i"})
+        sm.create_transform_job(TransformJobName=name, ModelName=name, Tags=tags,
+                                TransformInput={"DataSource": {"S3DataSource": {
+                                    "S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}/input"}}},
+                                TransformOutput={"S3OutputPath": f"s3://{BUCKET}/{prefix}/output"},
+                                TransformResources={"InstanceType": "ml.c7i.xlarge", "InstanceCount": 1})
+        group = "/aws/sagemaker/TransformJobs"
+    else:
+        sm.create_training_job(TrainingJobName=name, RoleArn=ROLE, Tags=tags,
+                               AlgorithmSpecification={"TrainingImage": "i", "TrainingInputMode": "File"},
+                               OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/{prefix}/output"},
+                               ResourceConfig={"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1,
+                                               "VolumeSizeInGB": 50},
+                               StoppingCondition={"MaxRuntimeInSeconds": 60})
+        group = "/aws/sagemaker/TrainingJobs"
+    try:
+        logs.create_log_group(logGroupName=group)
+    except logs.exceptions.ResourceAlreadyExistsException:
+        pass
+    logs.create_log_stream(logGroupName=group, logStreamName=f"{name}/algo-1-1700000000")
+
+
+def test_cleanup_finds_jobs_by_tag_and_an_untagged_look_alike_survives(aws, tmp_path):
+    import boto3
+
+    from bertopt.aws.cleanup import run
+    from bertopt.aws.config import AwsCleanupConfig
+
+    s3, sm = boto3.client("s3", region_name=REGION), boto3.client("sagemaker", region_name=REGION)
+    logs = boto3.client("logs", region_name=REGION)
+    s3.create_bucket(Bucket=BUCKET)
+    _moto_job(s3, sm, logs, "bertopt-baseline-20270101-000000", tagged=True)
+    _moto_job(s3, sm, logs, "bertopt-transform-20270101-000000", tagged=True, transform=True)
+    _moto_job(s3, sm, logs, "bertopt-baseline-20270101-111111", tagged=False)  # the look-alike
+    cfg = dict(output_dir=str(tmp_path / "out"), aws_region=REGION, cleanup_all=True, quiet=True, poll_seconds=0.01)
+
+    def keys():
+        return {o["Key"].split("/")[2] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+
+    dry = run(AwsCleanupConfig(dry_run=True, **cfg))
+    assert dry.details["counts"].get("would delete", 0) >= 4
+    assert keys() == {"bertopt-baseline-20270101-000000", "bertopt-transform-20270101-000000",
+                      "bertopt-baseline-20270101-111111"}
+    run(AwsCleanupConfig(**cfg))
+    assert keys() == {"bertopt-baseline-20270101-111111"}  # the tagged jobs' prefixes are gone
+    streams = [s["logStreamName"] for g in ("/aws/sagemaker/TrainingJobs", "/aws/sagemaker/TransformJobs")
+               for s in logs.describe_log_streams(logGroupName=g)["logStreams"]]
+    assert streams == ["bertopt-baseline-20270101-111111/algo-1-1700000000"]
+    report = json.loads((tmp_path / "out" / "aws" / "cleanup.json").read_text()) if (
+        tmp_path / "out" / "aws" / "cleanup.json").is_file() else None
+    assert report is None or all("111111" not in r["name"] for r in report["resources"])
+
+
+def test_cleanup_stops_a_running_job(monkeypatch, aws):
+    """moto has no StopTrainingJob: a Stubber-wrapped client plays a running, tagged job."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from bertopt.aws import cleanup
+    from bertopt.aws.session import Aws
+
+    sm = boto3.client("sagemaker", region_name=REGION)
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/x"
+    stub = Stubber(sm)
+    desc = _description("InProgress", "Training", OutputDataConfig={"S3OutputPath": "s3://b/bertopt/jobs/x/output"})
+    stub.add_response("describe_training_job", desc, {"TrainingJobName": NAME})
+    stub.add_response("list_tags", {"Tags": [{"Key": "bertopt:project", "Value": "bertopt"}]}, {"ResourceArn": arn})
+    stub.add_response("stop_training_job", {}, {"TrainingJobName": NAME})
+    session = Aws(REGION, clients={"sagemaker": sm})
+    target = cleanup.Target("training-job", NAME, arn=arn)
+    with stub:
+        planned = [t for t in cleanup.plan(session, [target]) if t.type == "training-job"]
+        cleanup.execute(session, planned, timeout=1, poll=0.01)
+    stub.assert_no_pending_responses()
+    assert planned[0].outcome == "deleted" and planned[0].detail == "stopped"
