@@ -158,3 +158,30 @@ def test_a_transform_run_reassembles_predict_output_in_input_order(monkeypatch, 
     sm = boto3.client("sagemaker", region_name=REGION)
     tags = sm.list_tags(ResourceArn=sm.describe_transform_job(TransformJobName=NAME)["TransformJobArn"])["Tags"]
     assert {"Key": "bertopt:project", "Value": "bertopt"} in tags
+
+
+def test_a_stopped_transform_job_is_one_line_that_says_its_output_is_discarded(monkeypatch):
+    import datetime
+
+    import boto3
+    from botocore.stub import Stubber
+
+    from bertopt.aws.jobs import common
+    from bertopt.aws.session import Aws
+    from bertopt.errors import PipelineError
+
+    aws_env(monkeypatch, None)
+    sm = boto3.client("sagemaker", region_name=REGION)
+    stub = Stubber(sm)
+    now = datetime.datetime(2027, 1, 1)
+    base = {"TransformJobName": NAME, "TransformJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:transform-job/x",
+            "ModelName": NAME, "CreationTime": now,
+            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://b/i"}}},
+            "TransformResources": {"InstanceType": "ml.c7i.xlarge", "InstanceCount": 1}}
+    stub.add_response("describe_transform_job", {**base, "TransformJobStatus": "InProgress"}, {"TransformJobName": NAME})
+    stub.add_response("describe_transform_job", {**base, "TransformJobStatus": "Stopped"}, {"TransformJobName": NAME})
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    with stub, pytest.raises(PipelineError) as err:
+        common.watch(Aws(REGION, clients={"sagemaker": sm}), common.TRANSFORM, NAME, poll=0)
+    assert str(err.value).count("\n") == 0 and "ended Stopped" in str(err.value)
+    assert "a stopped transform job discards its output" in str(err.value)

@@ -129,12 +129,13 @@ def _row_batch(cfg, variant: str) -> int:
     return int(value) if isinstance(value, int) and value > 0 else DEFAULT_BATCH
 
 
-def choose(cfg):
-    """The :class:`bertopt.aws.choice.ModelChoice` of ``--variant`` or compare's recommendation."""
+def choose(cfg, gpu: bool = False):
+    """The :class:`bertopt.aws.choice.ModelChoice` of ``--variant`` or compare's recommendation (``gpu``:
+    for a GPU transform instance)."""
     from ..aws.choice import resolve_model
 
     ns = SimpleNamespace(model_path=None, variant=cfg.variant, output_dir=cfg.output_dir,
-                         reports_dir=cfg.reports_dir, max_length=cfg.max_length, gpu=False, local=True, batching=True)
+                         reports_dir=cfg.reports_dir, max_length=cfg.max_length, gpu=gpu, local=True, batching=True)
     return resolve_model(ns)
 
 

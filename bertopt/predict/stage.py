@@ -60,6 +60,8 @@ def run(cfg: PredictConfig) -> StageResult:
         from ..aws.jobs.transform import run_transform
 
         stats = run_transform(cfg, dest)
+        if cfg.detach:
+            return StageResult("predict", "detached", time.perf_counter() - start, f"transform job {stats['job']}")
     else:
         from ..errors import DataError
         from .scoring import open_scorer

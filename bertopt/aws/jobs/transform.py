@@ -174,8 +174,10 @@ def run_transform(cfg, dest: Path, aws: Aws | None = None, poll: float = POLL_SE
     """Score ``cfg.input`` with a Batch Transform job; write ``dest`` as predict.py does locally."""
     from ...predict.scoring import choose, scorer_info
 
+    from ..config import is_gpu_instance
+
     start = time.perf_counter()
-    choice = choose(cfg)
+    choice = choose(cfg, gpu=is_gpu_instance(cfg.sagemaker_instance_type))
     info = scorer_info(cfg, choice)
     aws = aws or Aws(cfg.aws_region, cfg.aws_profile)
     aws.identity()
