@@ -255,11 +255,14 @@ def test_detach_leaves_the_job_running(aws, monkeypatch, tmp_path, tiny_data_dir
 
 # ------------------------------------------------------------------------------ the container side
 def _container(tmp_path, data_dir, model_dir, **config) -> dict:
-    """A /opt/ml-like tree and the SM_* environment the training toolkit gives the entry point."""
-    from bertopt.aws.jobs.training import hyperparameters
+    """A /opt/ml-like tree holding the job's source archive unpacked in code/ (as the toolkit does with
+    sagemaker_submit_directory), and the SM_* environment the training toolkit gives the entry point."""
+    from bertopt.aws.jobs.training import hyperparameters, source_archive
     from bertopt.config import TrainConfig
 
     ml = tmp_path / "opt" / "ml"
+    with tarfile.open(fileobj=io.BytesIO(source_archive()), mode="r:gz") as tar:
+        tar.extractall(ml / "code", filter="data")
     (ml / "input" / "config").mkdir(parents=True)
     (ml / "model").mkdir()
     (ml / "checkpoints").mkdir()
@@ -277,7 +280,7 @@ def _container(tmp_path, data_dir, model_dir, **config) -> dict:
     env.update({"SM_INPUT_CONFIG_DIR": str(ml / "input" / "config"), "SM_CHANNEL_TRAIN": str(train),
                 "SM_CHANNEL_MODEL": str(model_dir), "SM_MODEL_DIR": str(ml / "model"),
                 "BERTOPT_CHECKPOINT_DIR": str(ml / "checkpoints"), "SM_HOSTS": json.dumps(["algo-1"]),
-                "SM_CURRENT_HOST": "algo-1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                "SM_CURRENT_HOST": "algo-1", "OMP_NUM_THREADS": "1",
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     return env
 
@@ -291,7 +294,8 @@ def _job(cmd, cwd, env):
 
 def test_the_entry_point_runs_as_the_toolkit_runs_it(tmp_path, tiny_data_dir, tiny_model_dir):
     env = _container(tmp_path, tiny_data_dir, tiny_model_dir)
-    _job([sys.executable, str(ROOT / "sagemaker_entry.py")], tmp_path, env)
+    code = tmp_path / "opt" / "ml" / "code"
+    _job([sys.executable, "sagemaker_entry.py"], code, env)  # the toolkit runs the program from the code dir
     model = Path(env["SM_MODEL_DIR"]) / "baseline"
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["config"]["dataset"] == env["SM_CHANNEL_TRAIN"]
@@ -301,7 +305,7 @@ def test_the_entry_point_runs_as_the_toolkit_runs_it(tmp_path, tiny_data_dir, ti
 def test_the_entry_point_under_torchrun_trains_data_parallel(tmp_path, tiny_data_dir, tiny_model_dir):
     env = _container(tmp_path, tiny_data_dir, tiny_model_dir)
     _job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          str(ROOT / "sagemaker_entry.py")], tmp_path, env)
+          "sagemaker_entry.py"], tmp_path / "opt" / "ml" / "code", env)
     manifest = json.loads((Path(env["SM_MODEL_DIR"]) / "baseline" / "manifest.json").read_text())
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["distributed_backend"] == "gloo"
 

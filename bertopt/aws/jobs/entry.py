@@ -1,5 +1,5 @@
 """The training job's entry point, run by the SageMaker training toolkit inside the PyTorch DLC
-(``sagemaker_entry.py`` calls :func:`main`; with more than one GPU or node the toolkit starts it under
+(the archive's ``sagemaker_entry.py`` calls :func:`main`; with more than one GPU or node the toolkit starts it under
 torchrun and every rank runs it). It reads the hyperparameters (``SM_HPS``, else
 ``<SM_INPUT_CONFIG_DIR>/hyperparameters.json``) and the channels (``SM_CHANNEL_TRAIN``, ``_MODEL``,
 ``_SOURCE``), runs the stage with the same code as a local run, writing under the checkpoint

@@ -1,8 +1,8 @@
 """A training stage (baseline, mixed_precision, pruned) as a SageMaker training job, with plain boto3.
 
 The job runs the project's own code (packed with a requirements file as the script-mode source) on
-the PyTorch training DLC: the toolkit installs the requirements and runs ``sagemaker_entry.py``
-(:mod:`.entry`), under torchrun when there is more than one GPU or node. Local data (or a local model
+the PyTorch training DLC: the toolkit installs the requirements and runs ``sagemaker_entry.py`` (a
+three-line script written into the archive that calls :mod:`.entry`), under torchrun when there is more than one GPU or node. Local data (or a local model
 directory / the baseline a prune starts from) is uploaded as input channels; ``s3://`` data is used
 as it is. Managed spot keeps the stage's checkpoints in S3 (CheckpointConfig), so the existing resume
 continues after an interruption. On completion the model is downloaded into saved_models/<stage>/
@@ -28,7 +28,10 @@ from . import common
 log = logging.getLogger("bertopt.aws.jobs")
 
 ROOT = Path(__file__).resolve().parents[3]           # the project: bertopt/ + scripts
-ENTRY = "sagemaker_entry.py"
+ENTRY = "sagemaker_entry.py"                         # written into the source archive (not a project script)
+ENTRY_SOURCE = (b'"""bertopt SageMaker training job entry point (the toolkit\'s sagemaker_program)."""\n'
+                b"import sys\n\nfrom bertopt.aws.jobs.entry import main\n\n"
+                b'if __name__ == "__main__":\n    sys.exit(main())\n')
 REQUIREMENTS = "requirements-sagemaker.txt"          # the job's pip installs on top of the DLC (no torch)
 CHECKPOINT_LOCAL = "/opt/ml/checkpoints"
 POLL_SECONDS = 30.0
@@ -40,11 +43,10 @@ def source_archive() -> bytes:
     """sourcedir.tar.gz: bertopt/ (no caches), the entry script and requirements.txt (the DLC's toolkit
     pip-installs it). Reproducible: sorted members, fixed times."""
     buf = io.BytesIO()
-    members = [(p, p.relative_to(ROOT).as_posix()) for p in sorted((ROOT / "bertopt").rglob("*.py"))]
-    members += [(ROOT / ENTRY, ENTRY), (ROOT / REQUIREMENTS, "requirements.txt")]
+    members = [(p.read_bytes(), p.relative_to(ROOT).as_posix()) for p in sorted((ROOT / "bertopt").rglob("*.py"))]
+    members += [(ENTRY_SOURCE, ENTRY), ((ROOT / REQUIREMENTS).read_bytes(), "requirements.txt")]
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path, name in members:
-            data = path.read_bytes()
+        for data, name in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 946684800, 0o644
             tar.addfile(info, io.BytesIO(data))
