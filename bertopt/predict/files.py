@@ -153,6 +153,24 @@ class InputReader:
         self.total = start
 
 
+def count_rows(path) -> Optional[int]:
+    """Data rows of the input for the progress bar (lines, minus a header), or None when unknown."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if suffix not in (".csv", ".tsv", ".jsonl"):
+            return None
+        with open(path, "rb") as fh:
+            lines = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
+        return max(0, lines - (0 if suffix == ".jsonl" else 1))
+    except (OSError, ValueError, Exception):  # only a progress hint: never fail the run for it
+        return None
+
+
 def flat(record: dict) -> dict:
     """One CSV row of an answer: nested scores become score_<label> columns, a label set 'a;b'."""
     out = {}

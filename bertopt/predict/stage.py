@@ -25,7 +25,7 @@ def _bad_rows_note(bad: list) -> str:
 def score_file(cfg: PredictConfig, scorer, dest: Path) -> dict:
     """Read, score and write chunk by chunk; the output appears complete or not at all."""
     from ..logs import progress
-    from .files import InputReader, Writer
+    from .files import InputReader, Writer, count_rows
     from .scoring import answer
 
     reader = InputReader(cfg.input, rows=cfg.chunk_rows, text_column=cfg.text_column,
@@ -34,7 +34,7 @@ def score_file(cfg: PredictConfig, scorer, dest: Path) -> dict:
     writer = Writer(dest)
     start, n = time.perf_counter(), 0
     try:
-        with progress(desc=f"predict {scorer.variant}", unit="texts") as bar:
+        with progress(desc=f"predict {scorer.variant}", unit="texts", total=count_rows(cfg.input)) as bar:
             for chunk in reader:
                 if chunk.texts:
                     rows = scorer.scores(chunk.texts, chunk.pairs)
