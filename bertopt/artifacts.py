@@ -64,6 +64,12 @@ def results_path(reports_dir: str | os.PathLike) -> Path:
     return Path(reports_dir) / RESULTS_FILE
 
 
+def predictions_path(reports_dir: str | os.PathLike, input_path: str | os.PathLike) -> Path:
+    """predict.py's default output: reports/predictions/<input name>.csv."""
+    name = Path(str(input_path).rstrip("/")).name.split(".")[0] or "input"
+    return Path(reports_dir) / "predictions" / f"{name}.csv"
+
+
 def manifest_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / MANIFEST
 

@@ -222,6 +222,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="cross-entropy class weights: auto = inverse class frequency, none (default), or one per class")
     add(g, "--threshold", type=float, metavar="T",
         help="multi-label decision threshold on sigmoid scores (default: tuned on the eval split)")
+    add_sagemaker_args(parser, job="training")
 
 
 def add_trained_args(parser: argparse.ArgumentParser) -> None:
@@ -327,3 +328,50 @@ def stage_main(stage: str, description: str, config_cls, add_args: Callable, run
     if result is not None:
         print(result.summary_line())
     return code
+
+
+# ----------------------------------------------------------------------------- SageMaker jobs
+# AWS flags that the deploy and the SageMaker jobs share: defined once here (aws/config.py uses them too)
+AWS_FLAGS = {
+    "--aws-region": (("--aws-region", "--aws_region"), dict(
+        dest="aws_region", metavar="REGION",
+        help="AWS region (default: the boto3 chain, e.g. AWS_REGION or the profile's region)")),
+    "--aws-profile": (("--aws-profile", "--aws_profile"), dict(
+        dest="aws_profile", metavar="NAME", help="named profile from ~/.aws/config (default: the boto3 chain)")),
+    "--aws-role-arn": (("--aws-role-arn", "--aws_role_arn"), dict(
+        dest="aws_role_arn", metavar="ARN", help="SageMaker execution role ARN (required; never created implicitly)")),
+    "--bucket": (("--bucket",), dict(
+        metavar="NAME", help="S3 bucket (default: bertopt-<account>-<region>, created if missing)")),
+    "--s3-prefix": (("--s3-prefix",), dict(metavar="PREFIX", help="S3 key prefix (default: bertopt)")),
+    "--instance-count": (("--instance-count",), dict(
+        type=int, metavar="N", help="instances behind the endpoint, or running the training / transform job "
+                                    "(default: 1)")),
+    "--image-uri": (("--image-uri",), dict(
+        metavar="URI", help="container image (default: the pinned Deep Learning Container: Hugging Face PyTorch "
+                            "inference for endpoints and transform jobs, PyTorch training for training jobs)")),
+}
+
+
+def add_aws_flag(group, name: str):
+    flags, kwargs = AWS_FLAGS[name]
+    return add(group, *flags, **kwargs)
+
+
+def add_sagemaker_args(parser, job: str = "training") -> None:
+    """--sagemaker-instance-type and the job options: the training stages (``job='training'``) and
+    predict.py's Batch Transform (``job='transform'``)."""
+    g = parser.add_argument_group(f"SageMaker {job} job (runs this stage on SageMaker instead of here)")
+    add(g, "--sagemaker-instance-type", metavar="TYPE",
+        help="run on SageMaker: a training job for the training stages (e.g. ml.g5.2xlarge), a Batch Transform "
+             "job for predict.py (e.g. ml.c7i.xlarge)")
+    for name in ("--instance-count", "--image-uri", "--aws-region", "--aws-profile", "--aws-role-arn", "--bucket",
+                 "--s3-prefix"):
+        add_aws_flag(g, name)
+    add(g, "--max-runtime", type=int, metavar="S", help="SageMaker job: stop it after S seconds (default: 86400)")
+    add(g, "--detach", action="store_true", default=None,
+        help="SageMaker job: start it, print how to follow it and return (Ctrl-C then leaves it running)")
+    if job == "training":
+        add(g, "--spot", action="store_true", default=None,
+            help="training job: managed spot capacity (checkpoints in S3 resume an interrupted job; needs --max-wait)")
+        add(g, "--max-wait", type=int, metavar="S",
+            help="training job with --spot: most seconds to wait for spot capacity plus run (>= --max-runtime)")

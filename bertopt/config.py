@@ -100,8 +100,49 @@ class CommonConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SageMakerJobFields:
+    """Where a stage runs: here (``sagemaker_instance_type`` None) or as a SageMaker training /
+    transform job (bertopt.aws.jobs); the flags are bertopt.cli.add_sagemaker_args."""
+
+    sagemaker_instance_type: Optional[str] = None
+    instance_count: int = 1
+    image_uri: Optional[str] = None
+    aws_region: Optional[str] = None
+    aws_profile: Optional[str] = None
+    aws_role_arn: Optional[str] = None
+    bucket: Optional[str] = None
+    s3_prefix: str = "bertopt"
+    max_runtime: int = 86400
+    detach: bool = False
+    spot: bool = False
+    max_wait: Optional[int] = None
+
+    def job_problems(self) -> list[str]:
+        p = []
+        if not self.sagemaker_instance_type:
+            return p
+        if not str(self.sagemaker_instance_type).startswith("ml."):
+            p.append(f"--sagemaker-instance-type must be a SageMaker type such as ml.g5.2xlarge "
+                     f"(got {self.sagemaker_instance_type!r})")
+        if not self.aws_role_arn:
+            p.append("--sagemaker-instance-type needs --aws-role-arn (the job's execution role)")
+        for name in ("instance_count", "max_runtime"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                p.append(f"{flag(name)} must be a positive integer (got {value!r})")
+        if self.spot and not self.max_wait:
+            p.append("--spot needs --max-wait S (seconds to wait for spot capacity plus the run)")
+        if self.max_wait is not None and not self.spot:
+            p.append("--max-wait applies to --spot training jobs")
+        if self.spot and self.max_wait and isinstance(self.max_runtime, int) and self.max_wait < self.max_runtime:
+            p.append(f"--max-wait ({self.max_wait}) must be >= --max-runtime ({self.max_runtime})")
+        return p
+
+
+JOB_FIELDS = tuple(f.name for f in dataclasses.fields(SageMakerJobFields))
 # fields that do not change what a stage produces (excluded from the skip fingerprint)
-NON_RESULT_FIELDS = {"force", "quiet", "wait", "output_dir", "reports_dir", "num_workers", "pin_memory",
+NON_RESULT_FIELDS = set(JOB_FIELDS) | {"force", "quiet", "wait", "output_dir", "reports_dir", "num_workers", "pin_memory",
                      # checkpointing and live curves: a resumed run ends with the same weights
                      "save_every", "save_total_limit", "resume", "report_to"}
 REPORT_TO = ("none", "tensorboard")
@@ -117,7 +158,7 @@ def result_config(cfg) -> dict:
 
 
 @dataclass
-class TrainConfig(CommonConfig):
+class TrainConfig(SageMakerJobFields, CommonConfig):
     """Fine-tuning (benchmark.py, mixed_precision.py)."""
 
     lr: Optional[float] = None  # None = chosen from the model's size (modeling.default_lr)
@@ -170,7 +211,7 @@ class TrainConfig(CommonConfig):
             p.append(f"--class-weights must be auto, none or positive numbers w1,w2,... (got {self.class_weights!r})")
         if self.threshold is not None and not (0 < self.threshold < 1):
             p.append(f"--threshold must be in (0, 1) (got {self.threshold})")
-        return p
+        return p + self.job_problems()
 
 
 def class_weight_values(text):

@@ -39,6 +39,18 @@ def _lazy(module: str, name: str):
     return call
 
 
+def _here_or_sagemaker(stage: str, local):
+    """``local(cfg)``, or with --sagemaker-instance-type the same stage as a SageMaker training job."""
+    def call(cfg):
+        if getattr(cfg, "sagemaker_instance_type", None):
+            from .aws.jobs.training import run_remote
+
+            return run_remote(cfg, stage)
+        return local(cfg)
+
+    return call
+
+
 def add_baseline_args(parser):
     cli.add_common_args(parser)
     cli.add_train_args(parser)
@@ -79,10 +91,13 @@ TRAINED = Stage("trained", "benchmark.py --trained", "a model fine-tuned elsewhe
                 add_trained_stage_args, build_trained, _lazy("trained_stage", "run_trained"), optional=True,
                 enabled_by=_trained)
 BASELINE = Stage("baseline", "benchmark.py", "FP32 baseline fine-tune (the reference every variant is measured against)",
-                 add_baseline_args, build_baseline, _lazy("train_stage", "run_baseline"), replaced_by=_trained)
+                 add_baseline_args, build_baseline,
+                 _here_or_sagemaker("baseline", _lazy("train_stage", "run_baseline")), replaced_by=_trained)
 MIXED_PRECISION = Stage("mixed_precision", "mixed_precision.py",
                         "mixed-precision (AMP) fine-tune; skipped where the hardware has no fast half-precision math",
-                        add_mixed_args, build_mixed, _lazy("train_stage", "run_mixed_precision"), replaced_by=_trained)
+                        add_mixed_args, build_mixed,
+                        _here_or_sagemaker("mixed_precision", _lazy("train_stage", "run_mixed_precision")),
+                        replaced_by=_trained)
 
 
 def add_prune_args(parser, standalone: bool = False):
@@ -119,7 +134,7 @@ def build_prune(ns):
 
 PRUNE = Stage("prune", "prune.py",
               "greedy structured layer pruning + re-fine-tune (enabled by --prune-layers or --target-layers)",
-              add_prune_args, build_prune, _lazy("prune_stage", "run_prune"), optional=True,
+              add_prune_args, build_prune, _here_or_sagemaker("pruned", _lazy("prune_stage", "run_prune")), optional=True,
               enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
               or getattr(ns, "target_layers", None) is not None)
 

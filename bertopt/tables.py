@@ -126,6 +126,11 @@ def _pick_text(df, requested: Optional[str], path: Path) -> tuple[str, ...]:
                     "pass --text-column (a name, an index, or two for a pair: a,b)")
 
 
+def pick_text_columns(df, requested: Optional[str], path: Path) -> tuple[str, ...]:
+    """The text column(s) training would use in ``df``: ``requested`` (a name, an index, or a,b), else detected."""
+    return _pick_text(df, requested, path)
+
+
 def _pick_label(df, requested: Optional[str], path: Path, exclude) -> tuple[str, ...]:
     cols = list(df.columns)
     if requested:

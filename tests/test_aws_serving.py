@@ -166,7 +166,7 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     archive = served["archive"]
     assert archive.members == sorted([
         "code/bertopt_runtime/__init__.py", "code/bertopt_runtime/config.py", "code/bertopt_runtime/data.py",
-        "code/bertopt_runtime/errors.py", "code/bertopt_runtime/families.py", "code/bertopt_runtime/hub.py",
+        "code/bertopt_runtime/errors.py", "code/bertopt_runtime/families.py", "code/bertopt_runtime/hub.py", "code/bertopt_runtime/jsonl.py",
         "code/bertopt_runtime/modeling.py", "code/bertopt_runtime/runtimes.py", "code/bertopt_runtime/tables.py",
         "code/bertopt_runtime/tasks.py", "code/inference.py", "code/requirements.txt", "config.json", "model.onnx", "serving.json",
         "tokenizer.json", "tokenizer_config.json"])

@@ -20,6 +20,7 @@ from ..errors import PipelineError
 from ..logs import stage_logging
 from . import operate
 from .config import LOG_GROUP_PREFIX, PROJECT, PROJECT_TAG, AwsCleanupConfig
+from .jobs import cleanup as jobs
 from .record import ORDER, Deployment
 from .session import Aws, aws_error, error_code, error_message, is_not_found, wait
 
@@ -69,9 +70,11 @@ def _sm_tags(aws: Aws, arn: str) -> dict:
 
 
 # --------------------------------------------------------------------------------- inspection
-def _inspect(aws: Aws, t: Target) -> Optional[dict]:
+def _inspect(aws: Aws, t: Target, add=None) -> Optional[dict]:
     """Tags of an existing resource (None when it does not exist); fills t.arn / t.links."""
     sm = aws.client("sagemaker")
+    if t.type in jobs.TYPES:  # SageMaker jobs, their S3 prefixes and log streams (aws/jobs/cleanup.py)
+        return jobs.inspect(aws, t, add or (lambda _: None), _job_target)
     if t.type == "endpoint":
         d = sm.describe_endpoint(EndpointName=t.name)
         t.arn, t.links = d["EndpointArn"], {"config": d.get("EndpointConfigName"), "status": d.get("EndpointStatus")}
@@ -126,8 +129,8 @@ def _inspect(aws: Aws, t: Target) -> Optional[dict]:
 
 
 # inspection order: an endpoint before what hangs on it (its scalable target, config, models, log group)
-INSPECT_ORDER = ("endpoint", "endpoint-config", "model", "scalable-target", "alarm", "log-group", "ecr-repository",
-                 "s3-object", "s3-bucket")
+INSPECT_ORDER = jobs.JOB_TYPES + ("endpoint", "endpoint-config", "model", "scalable-target", "alarm", "log-group",
+                                  "ecr-repository", "s3-object", "s3-bucket") + jobs.ATTACHED_TYPES
 ATTACHED = {"log-group": lambda name: name[len(LOG_GROUP_PREFIX):] if name.startswith(LOG_GROUP_PREFIX) else None,
             "scalable-target": operate.endpoint_of}  # untaggable here: theirs is their endpoint's ownership
 
@@ -160,7 +163,7 @@ def _plan_one(aws: Aws, t: Target, owned_endpoints: set, add) -> bool:
     from botocore.exceptions import ClientError
 
     try:
-        tags = _inspect(aws, t)
+        tags = _inspect(aws, t, add)
     except ClientError as exc:
         if not is_not_found(exc):
             t.outcome, t.detail = "failed", f"cannot inspect: {error_code(exc)}: {error_message(exc)}"
@@ -193,6 +196,8 @@ def _plan_one(aws: Aws, t: Target, owned_endpoints: set, add) -> bool:
 # ----------------------------------------------------------------------------------- deletion
 def _delete(aws: Aws, t: Target, timeout: float, poll: float) -> None:
     """Delete one resource; raises ClientError (not-found is handled by the caller)."""
+    if t.type in jobs.TYPES:
+        return jobs.delete(aws, t)
     if t.type == "scalable-target":  # also deletes its scaling policy (and the alarms target tracking made)
         aws.client("application-autoscaling").deregister_scalable_target(
             ServiceNamespace=operate.NAMESPACE, ResourceId=t.name, ScalableDimension=operate.DIMENSION)
@@ -284,8 +289,13 @@ def discover_tagged(aws: Aws) -> list:
             tags = _tags_dict(ecr.list_tags_for_resource(resourceArn=repo["repositoryArn"]).get("tags"))
             if tags.get(PROJECT_TAG) == PROJECT:
                 found.append(Target("ecr-repository", repo["repositoryName"], source="tag"))
+    found += jobs.discover(aws, _job_target)
     found += _discover_s3(aws)
     return found
+
+
+def _job_target(type_: str, name: str, arn: str, bucket=None, source: str = "tag") -> Target:
+    return Target(type_, name, bucket=bucket, source=source, arn=arn, optional=type_ in jobs.ATTACHED_TYPES)
 
 
 def _discover_s3(aws: Aws) -> list:

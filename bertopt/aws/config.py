@@ -261,10 +261,8 @@ class AwsCleanupConfig(AwsConfig):
 def _add_aws_common(parser) -> None:
     g = parser.add_argument_group("AWS (credentials come from the standard boto3 chain: "
                                   "AWS_PROFILE / environment / instance role)")
-    cli.add(g, "--aws-region", "--aws_region", dest="aws_region", metavar="REGION",
-            help="AWS region (default: the boto3 chain, e.g. AWS_REGION or the profile's region)")
-    cli.add(g, "--aws-profile", "--aws_profile", dest="aws_profile", metavar="NAME",
-            help="named profile from ~/.aws/config (default: the boto3 chain)")
+    cli.add_aws_flag(g, "--aws-region")
+    cli.add_aws_flag(g, "--aws-profile")
     cli.add(g, "--endpoint-name", "--model-name", "--model_name", dest="endpoint_name", metavar="NAME",
             help=f"SageMaker endpoint name (deploy default: {DEFAULT_ENDPOINT}); model and endpoint-config "
                  "names add a timestamp")
@@ -285,20 +283,18 @@ def add_deploy_args(parser) -> None:
     cli.add(g, "--aws-account-id", "--aws_account_id", dest="aws_account_id", metavar="ID",
             help="expected AWS account id (checked against the credentials before anything is created; "
                  "main.py: enables the aws_deploy stage)")
-    cli.add(g, "--aws-role-arn", "--aws_role_arn", dest="aws_role_arn", metavar="ARN",
-            help="SageMaker execution role ARN (required; never created implicitly)")
+    cli.add_aws_flag(g, "--aws-role-arn")
     cli.add(g, "--variant", dest="variant", metavar="NAME",
             help="deploy this variant instead of compare.py's recommendation: ort-int8 / int8 / "
                  "baseline:int8 (ONNX variant of a trained stage) or torch / baseline:torch")
-    cli.add(g, "--bucket", metavar="NAME", help="S3 bucket (default: bertopt-<account>-<region>, created if missing)")
-    cli.add(g, "--s3-prefix", metavar="PREFIX", help="S3 key prefix (default: bertopt)")
+    cli.add_aws_flag(g, "--bucket")
+    cli.add_aws_flag(g, "--s3-prefix")
     cli.add(g, "--instance-type", metavar="TYPE", help="real-time instance type (default: ml.m5.large)")
-    cli.add(g, "--instance-count", type=int, metavar="N", help="instances behind the endpoint (default: 1)")
+    cli.add_aws_flag(g, "--instance-count")
     cli.add(g, "--serverless-memory", type=int, metavar="MB",
             help="create a serverless endpoint with this memory (1024..6144) instead of instances")
     cli.add(g, "--serverless-concurrency", type=int, metavar="N", help="serverless max concurrency (default: 5)")
-    cli.add(g, "--image-uri", metavar="URI",
-            help="inference container image (default: the pinned Hugging Face PyTorch inference DLC)")
+    cli.add_aws_flag(g, "--image-uri")
     cli.add(g, "--vendor-wheels", metavar="DIR",
             help="ship the wheels in DIR inside model.tar.gz; the endpoint installs with --no-index")
     cli.add(g, "--keep-on-failure", action="store_true", default=None,

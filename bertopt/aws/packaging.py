@@ -32,7 +32,7 @@ HANDLER_SOURCE = Path(__file__).resolve().parent / "serving" / "inference.py"
 VENDORED_PACKAGE = "bertopt_runtime"
 # what serving/inference.py uses from bertopt (module -> symbols)
 VENDOR_ROOTS = {"runtimes": ("OrtPredictor", "TorchPredictor", "OpenVinoPredictor"),
-                "data": ("tokenize", "pad_batch", "length_groups")}
+                "data": ("tokenize", "pad_batch", "length_groups"), "jsonl": ("with_json_lines",)}
 ARCHIVE_NAME = "model.tar.gz"
 FIXED_MTIME = 946684800                                       # 2000-01-01: reproducible archives
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -12,8 +12,8 @@ from .. import artifacts
 FILE = "deployment.json"
 # deletion order (aws_cleanup.py): the scalable target first (deregistered before its endpoint goes), the
 # alarms, the endpoint, ..., the bucket last
-ORDER = ("scalable-target", "alarm", "endpoint", "endpoint-config", "model", "log-group", "ecr-repository",
-         "s3-object", "s3-bucket")
+ORDER = ("training-job", "transform-job", "scalable-target", "alarm", "endpoint", "endpoint-config", "model",
+         "log-group", "log-streams", "ecr-repository", "s3-prefix", "s3-object", "s3-bucket")
 LIVE_STATES = ("creating", "created", "failed")   # may still exist in AWS and be ours to delete
 # deleted / gone (already absent) / not-created (the create call failed) / kept (bucket not empty) /
 # skipped (exists but lacks the project tag: not ours any more)

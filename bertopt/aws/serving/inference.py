@@ -32,9 +32,7 @@ Request errors raise :class:`RequestError` (a ValueError with an HTTP ``status``
 ``body()``). The local endpoint answers with that status; the SageMaker toolkit turns every
 handler exception into a 400 whose message is ``str(error)``.
 
-Tokenization, batching and the ONNX Runtime / PyTorch predictors are the project's own
-(bertopt.data, bertopt.runtimes). Inside the archive they are vendored beside this file as the
-``bertopt_runtime`` package (copied at packaging time), so the container needs no bertopt install.
+Tokenization, batching, predictors, JSON Lines: bertopt's data/runtimes/jsonl, vendored as code/``bertopt_runtime``.
 """
 from __future__ import annotations
 
@@ -55,11 +53,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.isdir(os.path.join(_HERE, "bertopt_runtime")):  # inside model.tar.gz: the vendored copy
     if _HERE not in sys.path:  # the SageMaker toolkit puts code/ first on sys.path; be robust if not
         sys.path.insert(0, _HERE)
-    from bertopt_runtime import data as _data
+    from bertopt_runtime import data as _data, jsonl as _jsonl
     from bertopt_runtime import runtimes as _runtimes
     from bertopt_runtime import tasks as _tasks
 else:  # in the project tree (tests, development)
-    from bertopt import data as _data
+    from bertopt import data as _data, jsonl as _jsonl
     from bertopt import runtimes as _runtimes
     from bertopt import tasks as _tasks
 
@@ -499,3 +497,6 @@ def output_fn(prediction, accept):
     if types and not any(t in (JSON, "*/*", "application/*") for t in types):
         raise RequestError(406, f"unsupported Accept {accept!r} (responses are {JSON})")
     return json.dumps(prediction)
+
+
+input_fn, predict_fn, output_fn = _jsonl.with_json_lines(input_fn, predict_fn, output_fn, _check_texts, RequestError)
