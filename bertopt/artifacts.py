@@ -61,6 +61,10 @@ def sensitivity_path(output_dir: str | os.PathLike) -> Path:
     return stage_dir(output_dir, "pruned") / SENSITIVITY_FILE
 
 
+def search_path(output_dir: str | os.PathLike) -> Path:
+    return stage_dir(output_dir, "pruned") / SEARCH_FILE
+
+
 def results_path(reports_dir: str | os.PathLike) -> Path:
     return Path(reports_dir) / RESULTS_FILE
 

@@ -205,6 +205,7 @@ class PruneConfig(TrainConfig):
     search_accuracy_budget: float = 0.01  # max metric drop (fraction) vs the unpruned model on the search split
     search_rows: int = 1000  # rows of the held-out search split (carved from train)
     max_candidates: int = 6  # shapes fine-tuned at most
+    importance_rows: int = 512  # training rows the head / FFN-neuron importance is accumulated over
 
     def __post_init__(self):
         if self.sensitivity_samples == 0:  # 'all'
@@ -227,7 +228,7 @@ class PruneConfig(TrainConfig):
             p.append(f"--time-budget must be > 0 seconds (got {self.time_budget})")
         if not 0 <= self.search_accuracy_budget < 1:
             p.append(f"--search-accuracy-budget must be in [0, 1) (got {self.search_accuracy_budget})")
-        for name in ("search_rows", "max_candidates"):
+        for name in ("search_rows", "max_candidates", "importance_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 p.append(f"{flag(name)} must be a positive integer (got {getattr(self, name)!r})")
         for name in ("prune_layers", "target_layers", "heads", "ffn_width"):

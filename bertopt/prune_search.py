@@ -20,7 +20,8 @@ from .config import PruneConfig
 log = logging.getLogger("bertopt.prune_search")
 
 MIN_UNSEEN = 200  # unseen train rows needed to search on them instead of a slice of the training rows
-TIMING_ROWS = 32
+TIMING_ROWS = 16
+TIMING_REPEATS = 3
 
 
 @dataclass
@@ -161,8 +162,8 @@ def run(cfg: PruneConfig, model, splits, loaders, spec, device, plan, src_manife
     shapes = compress.grid(depth, h0, w0, width=not why_not_width)
     _, tl = loaders(subset_rows(rows, TIMING_ROWS), TIMING_ROWS, False)
     batch = {k: v.to(device) for k, v in _timing_batch(tl).items()}
-    base_s = compress.time_forward(model, batch)
-    timings = compress.time_shapes(model, shapes, batch, lambda m, s: _quick_shape(m, s, depth))
+    base_s = compress.time_forward(model, batch, TIMING_REPEATS)
+    timings = compress.time_shapes(model, shapes, batch, lambda m, s: _quick_shape(m, s, depth), TIMING_REPEATS)
     ordered = sorted((s for s in shapes if timings[s]["forward_s"] < base_s), key=lambda s: timings[s]["forward_s"])
     min_layers = min((s.layers for s in ordered), default=depth)
     order = _depth_order(cfg, model, depth, min_layers, rows, loaders, device)
@@ -174,7 +175,8 @@ def run(cfg: PruneConfig, model, splits, loaders, spec, device, plan, src_manife
               "budget": cfg.search_accuracy_budget, "time_budget_s": cfg.time_budget,
               "unpruned": {"shape": compress.Shape(depth, h0, w0).label(),
                            "forward_ms": round(1000 * base_s, 3), "parameters": sum(p.numel() for p in model.parameters())},
-              "speed": "forward time of one %d-row batch on this host (fastest of 5), no training" % len(batch["input_ids"]),
+              "speed": f"forward time of one {len(batch['input_ids'])}-row batch on this host (fastest of {TIMING_REPEATS}), "
+                       "no training",
               "shapes_timed": [{"shape": s.label(), "forward_ms": round(1000 * timings[s]["forward_s"], 3),
                                 "parameters": timings[s]["parameters"]} for s in ordered],
               "depth_order": order, "tried": [dict(t.to_dict(), **fit.details.get(t.shape, {})) for t in tried],

@@ -44,12 +44,9 @@ def subset(data, n: int, seed: int):
                              [data.pairs[i] for i in idx] if data.pairs is not None else None)
 
 
-IMPORTANCE_ROWS = 1024  # training rows the head / neuron importance is accumulated over
-
-
 def width_prune(model, heads, ffn, train_data, loaders: Loaders, spec, device, seed: int):
     """(``model`` with ``heads`` heads and ``ffn`` FFN neurons per layer, the importance record).
-    Importance from gradients over up to IMPORTANCE_ROWS training rows (not the reported split)."""
+    Importance from gradients over up to --importance-rows training rows (not the reported split)."""
     import torch
 
     from . import tasks, width
@@ -58,7 +55,7 @@ def width_prune(model, heads, ffn, train_data, loaders: Loaders, spec, device, s
     heads, ffn = heads or h0, ffn or w0
     if heads == h0 and ffn == w0:
         return model, {}
-    rows = subset(train_data, IMPORTANCE_ROWS, seed + 3)
+    rows = subset(train_data, loaders.cfg.importance_rows, seed + 3)
     _, loader = loaders(rows, loaders.cfg.eval_batch_size, False)
     loss = tasks.task_loss(spec) or (lambda lg, y, inputs=None: torch.nn.functional.cross_entropy(lg, y))
     t0 = time.perf_counter()

@@ -13,7 +13,13 @@ new keys are optional to readers: :func:`metric_name` says "accuracy" for them).
 added within 3: ``hardware.cpu_matmul_peaks`` (the CPU's matmul peak per non-fp32 compute type,
 which that type's rows' ``fraction_of_peak`` divides by; a type measured slower than fp32 holds
 ``rows_measured_against: "fp32"`` and its rows divide by the fp32 peak) and ``variants[].first_use`` (a row's first
-pass over the eval set and first sight of each request, against the warm figures, with ``note``).
+pass over the eval set and first sight of each request, against the warm figures, with ``note``)
+and ``compression_search`` (prune.py --auto's search.json: ``split``, ``metric``,
+``unpruned_search_metric``, ``budget``, ``unpruned`` {shape, forward_ms, parameters}, ``tried`` =
+[{shape, layers, heads, ffn, parameters, forward_ms, speedup, metric, drop, within_budget, time_s}],
+``chosen`` (a shape label or null), ``search_time_s``; the metric is on the search split carved from
+train, not the eval split the variants' figures use; speeds are one forward on the host that ran the
+search).
 """
 from __future__ import annotations
 
@@ -76,6 +82,11 @@ def problems(results: Any) -> list[str]:
                 out.append(f"variants[{i}].{key}: expected {kind.__name__}")
         if row.get("status") not in STATUSES:
             out.append(f"variants[{i}].status {row.get('status')!r} is not one of {', '.join(STATUSES)}")
+    search = results.get("compression_search")
+    if search is not None and not (isinstance(search, dict) and isinstance(search.get("tried"), list)
+                                   and all(isinstance(t, dict) and {"shape", "forward_ms", "metric"} <= set(t)
+                                           for t in search["tried"])):
+        out.append("compression_search: expected an object whose tried list holds {shape, forward_ms, metric}")
     rec = results.get("recommendation")
     if rec is not None:
         missing = [k for k in RECOMMENDATION if k not in (rec if isinstance(rec, dict) else {})]

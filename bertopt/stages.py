@@ -96,6 +96,8 @@ def add_prune_args(parser, standalone: bool = False):
             help="largest metric drop (fraction, 0.01 = 1 point) a searched shape may show against the unpruned "
                  "model on the search split carved from train (compare's --accuracy-budget is another)")
     cli.add(w, "--search-rows", type=int, metavar="N", help="rows of the search split carved from train (default 1000)")
+    cli.add(w, "--importance-rows", type=int, metavar="N",
+            help="training rows the head / FFN-neuron importance is accumulated over (default 512)")
     cli.add(w, "--max-candidates", type=int, metavar="N", help="shapes fine-tuned at most by the search (default 6)")
 
 

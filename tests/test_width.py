@@ -270,3 +270,35 @@ def test_prune_stage_compress_auto_records_every_shape_tried(out_with_baseline, 
     assert m["shape"] == search["chosen"] and m["search"]["chosen"] == search["chosen"]
     assert m["parameters_after"] < m["parameters_before"]
     modeling.load_model(str(d))
+
+
+# ----------------------------------------------------------------------------- results.json and the report
+def _search_record():
+    return {"split": "train rows the baseline did not train on (55349 of 67349)", "search_rows": 1000,
+            "metric": "accuracy", "unpruned_search_metric": 0.88, "budget": 0.01, "time_budget_s": 60,
+            "unpruned": {"shape": "6L/12H/1536F", "forward_ms": 40.0, "parameters": 22_700_000},
+            "speed": "forward time of one 32-row batch", "chosen": "4L/12H/768F", "search_time_s": 512.0,
+            "tried": [{"shape": "3L/6H/384F", "layers": 3, "heads": 6, "ffn": 384, "parameters": 13_000_000,
+                       "forward_ms": 9.0, "speedup": 4.4, "metric": 0.80, "drop": 0.08, "within_budget": False,
+                       "time_s": 80.0},
+                      {"shape": "4L/12H/768F", "layers": 4, "heads": 12, "ffn": 768, "parameters": 17_000_000,
+                       "forward_ms": 20.0, "speedup": 2.0, "metric": 0.875, "drop": 0.005, "within_budget": True,
+                       "time_s": 81.0}]}
+
+
+def test_report_shows_the_compression_search_from_results_json(tmp_path):
+    import re
+
+    from test_report import sample_results
+
+    from bertopt import report, results
+
+    res = sample_results()
+    res["compression_search"] = _search_record()
+    assert not [p for p in results.problems(res) if "compression_search" in p]
+    html = report.render_html(res)
+    assert '<section id="compression-search">' in html and "4L/12H/768F" in html and "3L/6H/384F" in html
+    assert re.search(r'<figure class="plot" id="fig-search">\s*<svg', html)
+    assert "not on the eval split" in html
+    res["compression_search"] = {"tried": [{"shape": "x"}]}
+    assert any("compression_search" in p for p in results.problems(res))

@@ -273,5 +273,11 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
             results["pruning"] = json.loads(sens.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             log.warning("cannot read %s: %s", sens, exc)
+    search = artifacts.search_path(out)
+    if search.is_file():  # prune.py --auto: every shape the compression search tried
+        try:
+            results["compression_search"] = json.loads(search.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            log.warning("cannot read %s: %s", search, exc)
     results["targets"] = evaluate_targets(results)
     return results
