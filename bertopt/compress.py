@@ -61,8 +61,10 @@ def time_shapes(model, shapes: Sequence[Shape], batch: dict, build: Callable[[ob
                 repeats: int = 5) -> dict[Shape, dict]:
     """{shape: {"forward_s", "parameters"}} for each shape built from ``model`` by ``build(model, shape)``
     (any heads / neurons: only the sizes matter for the time)."""
+    from .logs import progress
+
     out = {}
-    for s in shapes:
+    for s in progress(shapes, desc="timing shapes", unit="shape"):
         m = build(model, s)
         out[s] = {"forward_s": time_forward(m, batch, repeats), "parameters": sum(p.numel() for p in m.parameters())}
         del m
