@@ -302,3 +302,15 @@ def test_report_shows_the_compression_search_from_results_json(tmp_path):
     assert "not on the eval split" in html
     res["compression_search"] = {"tried": [{"shape": "x"}]}
     assert any("compression_search" in p for p in results.problems(res))
+
+
+def test_compare_carries_the_search_records_into_results_json(tmp_path):
+    from bertopt import artifacts
+    from bertopt.compare.assemble import pruning_records
+
+    assert pruning_records(tmp_path) == {}
+    artifacts.search_path(tmp_path).parent.mkdir(parents=True)
+    artifacts.search_path(tmp_path).write_text(json.dumps(_search_record()))
+    found = pruning_records(tmp_path)
+    assert set(found) == {"compression_search"} and found["compression_search"]["chosen"] == "4L/12H/768F"
+    assert [t["shape"] for t in found["compression_search"]["tried"]] == ["3L/6H/384F", "4L/12H/768F"]
