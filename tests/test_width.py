@@ -314,3 +314,48 @@ def test_compare_carries_the_search_records_into_results_json(tmp_path):
     found = pruning_records(tmp_path)
     assert set(found) == {"compression_search"} and found["compression_search"]["chosen"] == "4L/12H/768F"
     assert [t["shape"] for t in found["compression_search"]["tried"]] == ["3L/6H/384F", "4L/12H/768F"]
+
+
+def _pair_data(d, regression: bool):
+    import random
+
+    from conftest import FILL
+
+    topics = {"sport": ["goal", "match", "team"], "money": ["bank", "price", "market"], "food": ["bread", "soup"]}
+    rng = random.Random(5)
+    for name, n in (("train.tsv", 160), ("dev.tsv", 48)):
+        rows = ["sentence1\tsentence2\tlabel"]
+        for _ in range(n):
+            a, b = rng.choice(sorted(topics)), rng.choice(sorted(topics))
+            s1 = " ".join([rng.choice(FILL), rng.choice(topics[a]), rng.choice(FILL)])
+            s2 = " ".join([rng.choice(FILL), rng.choice(topics[b]), rng.choice(FILL)])
+            label = f"{4.0 * (a == b) + rng.random():.2f}" if regression else str(int(a == b))
+            rows.append(f"{s1}\t{s2}\t{label}")
+        (d / name).write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("regression", [False, True], ids=["pairs", "regression"])
+def test_width_pruning_of_pair_and_regression_models_distils_and_scores_the_task(regression, tmp_path,
+                                                                                  tiny_model_dir):
+    import benchmark
+    import prune
+    from transformers import AutoModel
+
+    enc = tmp_path / "encoder"
+    AutoModel.from_pretrained(tiny_model_dir).save_pretrained(enc)
+    for f in Path(tiny_model_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            shutil.copy(f, enc / f.name)
+    d = tmp_path / "data"
+    d.mkdir()
+    _pair_data(d, regression)
+    out = tmp_path / "out"
+    common = ["--dataset", str(d), "--output-dir", str(out), "--quiet", "--max-length", "32", "--epochs", "1",
+              "--lr", "1e-3", "--device", "cpu"]
+    assert benchmark.main(common + ["--model", str(enc)]) == 0
+    assert prune.main(common + ["--heads", "2", "--ffn-width", "16"]) == 0
+    manifest = json.loads((out / "pruned" / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["data"]["task"] == ("regression" if regression else "classification")
+    assert m["metric_name"] == ("pearson" if regression else "f1") and m["distill"] is True
+    assert math.isfinite(m["pruned_eval_metric"]) and (m["heads_after"], m["ffn_after"]) == (2, 16)
