@@ -359,3 +359,22 @@ def test_width_pruning_of_pair_and_regression_models_distils_and_scores_the_task
     assert manifest["data"]["task"] == ("regression" if regression else "classification")
     assert m["metric_name"] == ("pearson" if regression else "f1") and m["distill"] is True
     assert math.isfinite(m["pruned_eval_metric"]) and (m["heads_after"], m["ffn_after"]) == (2, 16)
+
+
+def test_compress_auto_keeps_the_unpruned_model_when_no_shape_meets_the_budget(out_with_baseline, tiny_data_dir,
+                                                                               monkeypatch):
+    import prune
+
+    from bertopt.onnx_stage import OnnxConfig, resolve_sources
+
+    monkeypatch.setattr(compress, "search", lambda ordered, timings, base_s, base_metric, budget, fit, tries,
+                        deadline=None: (None, []))
+    rc = prune.main(["--output-dir", str(out_with_baseline), "--dataset", tiny_data_dir, "--device", "cpu", "--quiet",
+                     "--auto", "--search-rows", "48", "--sensitivity-samples", "16", "--max-train-samples", "96"])
+    assert rc == 0
+    manifest = json.loads((out_with_baseline / "pruned" / "manifest.json").read_text())
+    assert manifest["status"] == "skipped" and "no smaller shape met the budget" in manifest["reason"]
+    assert "unpruned model is kept" in manifest["reason"] and manifest["metrics"]["search"]["chosen"] is None
+    assert not (out_with_baseline / "pruned" / "model.safetensors").exists()
+    cfg = OnnxConfig(source="baseline,pruned", output_dir=str(out_with_baseline), dataset=tiny_data_dir, quiet=True)
+    assert [s.name for s in resolve_sources(cfg)] == ["baseline"]  # the pipeline goes on with the baseline
