@@ -27,6 +27,8 @@ MANIFEST = "manifest.json"
 STAGE_LOG = "stage.log"
 SCHEMA_VERSION = 1
 SENSITIVITY_FILE = "sensitivity.json"   # prune.py's per-layer analysis, beside the pruned model
+WIDTH_FILE = "width.json"               # prune.py's head / FFN-neuron importance and what it kept
+SEARCH_FILE = "search.json"             # prune.py --auto: every shape the compression search tried
 RESULTS_FILE = "results.json"           # compare.py's measurements (schema: bertopt.results)
 RESULTS_CSV, SUMMARY_FILE, REPORT_FILE = "results.csv", "summary.md", "performance_report.html"
 REPORT_FILES = (RESULTS_FILE, RESULTS_CSV, SUMMARY_FILE, REPORT_FILE)
@@ -58,6 +60,10 @@ def producing_command(stage: str) -> str:
 
 def sensitivity_path(output_dir: str | os.PathLike) -> Path:
     return stage_dir(output_dir, "pruned") / SENSITIVITY_FILE
+
+
+def search_path(output_dir: str | os.PathLike) -> Path:
+    return stage_dir(output_dir, "pruned") / SEARCH_FILE
 
 
 def results_path(reports_dir: str | os.PathLike) -> Path:

@@ -237,9 +237,17 @@ class PruneConfig(TrainConfig):
     target_layers: Optional[int] = None
     method: str = "removal"
     sensitivity_samples: Optional[int] = None  # eval rows used for sensitivity; None = all
-    distill: bool = False
+    heads: Optional[int] = None  # attention heads kept per layer (width pruning)
+    ffn_width: Optional[int] = None  # FFN neurons kept per layer (width pruning)
+    distill: bool = True  # re-fine-tune by distilling from the unpruned model (--no-distill: plain CE)
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    compress: str = "none"  # auto = search depth x heads x FFN width (bertopt.compress)
+    time_budget: float = 90.0  # seconds of KD fine-tuning per searched shape
+    search_accuracy_budget: float = 0.01  # max metric drop (fraction) vs the unpruned model on the search split
+    search_rows: int = 1000  # rows of the held-out search split (carved from train)
+    max_candidates: int = 6  # shapes fine-tuned at most
+    importance_rows: int = 512  # training rows the head / FFN-neuron importance is accumulated over
 
     def __post_init__(self):
         if isinstance(self.sensitivity_samples, str) and self.sensitivity_samples.lower() in ("all", "none"):
@@ -248,11 +256,24 @@ class PruneConfig(TrainConfig):
 
     def problems(self) -> list[str]:
         p = super().problems()
-        if self.prune_layers is None and self.target_layers is None:
-            p.append("give --prune-layers K (layers to remove) or --target-layers N (layers to keep)")
-        elif self.prune_layers is not None and self.target_layers is not None:
+        manual = [n for n in ("prune_layers", "target_layers", "heads", "ffn_width") if getattr(self, n) is not None]
+        if self.compress not in ("none", "auto"):
+            p.append(f"--compress must be auto or none (got {self.compress!r})")
+        elif self.compress == "auto" and manual:
+            p.append(f"--compress auto chooses the shape itself: drop {', '.join(flag(n) for n in manual)}")
+        elif self.compress == "none" and not manual:
+            p.append("give --prune-layers K (layers to remove) or --target-layers N (layers to keep), "
+                     "--heads K / --ffn-width W (width), or --compress auto")
+        if self.prune_layers is not None and self.target_layers is not None:
             p.append("give only one of --prune-layers and --target-layers")
-        for name in ("prune_layers", "target_layers"):
+        if not self.time_budget > 0:
+            p.append(f"--time-budget must be > 0 seconds (got {self.time_budget})")
+        if not 0 <= self.search_accuracy_budget < 1:
+            p.append(f"--search-accuracy-budget must be in [0, 1) (got {self.search_accuracy_budget})")
+        for name in ("search_rows", "max_candidates", "importance_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                p.append(f"{flag(name)} must be a positive integer (got {getattr(self, name)!r})")
+        for name in ("prune_layers", "target_layers", "heads", "ffn_width"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 p.append(f"{flag(name)} must be a positive integer (got {value!r})")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import families, hub
+from . import families, hub, width
 from .config import DEFAULT_MODEL
 from .errors import ConfigError, ModelError, first_line
 
@@ -129,6 +129,8 @@ def load_model(model: str, num_labels: Optional[int] = None, label_names=None,
     if num_labels is not None:
         check_head(config, num_labels, model, label_names)
     try:
+        if getattr(config, width.HEADS_KEY, None):  # fewer heads than the config can say (bertopt.width)
+            return width.load_pruned(path, config, AutoModelForSequenceClassification, **kwargs)
         return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ModelError:
         raise

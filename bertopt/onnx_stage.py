@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, model_files, modeling, variants
+from . import artifacts, families, model_files, modeling, variants, width
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -139,6 +139,10 @@ def resolve_sources(cfg: OnnxConfig) -> list[Source]:
         for item in [s.strip() for s in cfg.source.split(",") if s.strip()]:
             if item in artifacts.TRAINED_STAGES:
                 d = artifacts.stage_dir(cfg.output_dir, item)
+                manifest = artifacts.require_manifest(d, item, ok_only=item != "pruned")
+                if manifest.get("status") == "skipped":  # e.g. --compress auto kept the unpruned model
+                    log.info("--source %s: the stage was skipped (%s); not exported", item, manifest.get("reason"))
+                    continue
                 sources.append(Source(item, d, artifacts.require_manifest(d, item)))
                 continue
             path = Path(item).expanduser()
@@ -256,7 +260,8 @@ def build_fused(config, src: Path, dst: Path) -> dict:
     if model_type is None:
         raise ex.VariantUnavailable(reason)
     try:
-        return dict(ex.optimize(src, dst, int(config.num_attention_heads), int(config.hidden_size), model_type),
+        heads = width.num_heads(config)  # a head-pruned model: fewer heads than hidden / head size
+        return dict(ex.optimize(src, dst, heads, heads * width.head_size(config), model_type),
                     model_type=model_type)
     except ex.NoAttentionFused as exc:
         if families.family(config).known:

@@ -1,8 +1,12 @@
-"""The prune stage: layer sensitivity, greedy structured layer pruning and re-fine-tuning.
+"""The prune stage: depth (greedy layer sensitivity) then width (heads, FFN neurons) pruning, and a
+re-fine-tune that distils from the unpruned model (FastFormers' order: depth -> width -> re-distill;
+quantization follows in the ONNX stage). ``--compress auto`` hands the shape to the search
+(:mod:`bertopt.prune_search`).
 
 Reads a fine-tuned model (the baseline stage, or ``--prune-source DIR``), writes
-``<output_dir>/pruned/``: a plain smaller save_pretrained model + tokenizer, ``labels.json``,
-``sensitivity.json``, ``sensitivity.png`` and ``manifest.json`` (stage "pruned")."""
+``<output_dir>/pruned/``: a smaller save_pretrained model + tokenizer, ``labels.json``,
+``sensitivity.json`` / ``sensitivity.png`` (depth), ``width.json`` (width) and ``manifest.json``
+(stage "pruned"; status "skipped" when the search kept the unpruned model)."""
 from __future__ import annotations
 
 import hashlib
@@ -63,10 +67,11 @@ def _skip_result(directory, manifest, start) -> StageResult:
 
 
 def _key_metric(m: dict) -> str:
-    if m.get("best_eval_accuracy") is None:
-        return ""
-    return (f"{m.get('layers_before')}->{m.get('layers_after')} layers, eval accuracy "
-            f"{m['best_eval_accuracy']:.4f} (source {m.get('source_eval_accuracy', float('nan')):.4f})")
+    if m.get("pruned_eval_metric") is None:
+        return m.get("reason", "")
+    return (f"{m.get('layers_before')}->{m.get('layers_after')} layers, {m.get('heads_before')}->{m.get('heads_after')}"
+            f" heads, FFN {m.get('ffn_before')}->{m.get('ffn_after')}: eval {m.get('metric_name')} "
+            f"{m['pruned_eval_metric']:.4f} (source {m.get('source_eval_metric', float('nan')):.4f})")
 
 
 def _write_sensitivity(cfg, directory, result, rows: int, src: str, n_before: int, k: int, seconds: float) -> None:
@@ -87,13 +92,14 @@ def _write_sensitivity(cfg, directory, result, rows: int, src: str, n_before: in
     log.info("removed original layers %s (kept %s) in %.1fs", result.removed, result.kept, seconds)
 
 
-def _load(cfg: PruneConfig, src, device):
-    """The data splits, tokenizer and source model (on ``device``), checked against each other."""
+def _load(cfg: PruneConfig, src, device, src_manifest):
+    """The data splits, tokenizer, source model (on ``device``) and task spec, checked against each other."""
     from . import data as data_mod
-    from . import modeling, training
+    from . import modeling, tasks, training
 
-    splits = data_mod.load_splits(cfg.dataset, cfg.data_dir, cfg.text_column, cfg.label_column,
-                                  cfg.max_train_samples, cfg.max_eval_samples, cfg.seed)
+    base_cfg = (src_manifest or {}).get("config") or {}
+    splits = data_mod.load_splits_for(cfg.to_dict(), no_header=cfg.no_header or bool(base_cfg.get("no_header")),
+                                      task=cfg.task or base_cfg.get("task"))
     log.info("data: %s, %d train / %d eval rows, labels %s", splits.source, len(splits.train),
              len(splits.eval), splits.label_names)
     tokenizer = modeling.load_tokenizer(str(src))
@@ -105,41 +111,64 @@ def _load(cfg: PruneConfig, src, device):
                         "on this data set")
     modeling.check_max_length(cfg.max_length, model)
     model.to(device)
-    return splits, tokenizer, model
+    spec = tasks.spec_from_record((src_manifest or {}).get("data"), splits.label_names)
+    return splits, tokenizer, model, spec
 
 
-def _loaders(cfg: PruneConfig, splits, tokenizer, model, device):
-    """(loader factory, eval loader, sensitivity rows, sensitivity loader)."""
-    from . import data as data_mod
-    from . import modeling
+def _depth_request(cfg: PruneConfig, n_before: int) -> int:
+    from . import pruning
 
-    with_tt = modeling.uses_token_type_ids(model)
-    pad_id = tokenizer.pad_token_id or 0
-    cuda = device.type == "cuda"
-    workers = cfg.num_workers if cfg.num_workers is not None else (2 if cuda else 0)
-    pin = cfg.pin_memory if cfg.pin_memory is not None else cuda
+    if cfg.prune_layers is None and cfg.target_layers is None:
+        return 0
+    return pruning.layers_to_remove(n_before, cfg.prune_layers, cfg.target_layers)
 
-    def loader(texts, labels, batch_size, shuffle):
-        ds = data_mod.EncodedDataset(data_mod.tokenize(texts, tokenizer, cfg.max_length), labels)
-        return ds, data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=cfg.seed, pad_id=pad_id,
-                                        with_token_type_ids=with_tt, num_workers=workers, pin_memory=pin)
 
-    eval_ds, eval_loader = loader(splits.eval.texts, splits.eval.labels, cfg.eval_batch_size, False)
-    sens = splits.eval
-    if cfg.sensitivity_samples and cfg.sensitivity_samples < len(sens):
-        idx = data_mod.stratified_indices(sens.labels, cfg.sensitivity_samples, cfg.seed)
-        sens = data_mod.TextData([sens.texts[i] for i in idx], [sens.labels[i] for i in idx])
-    _, sens_loader = loader(sens.texts, sens.labels, cfg.eval_batch_size, False)
-    return loader, eval_loader, sens, sens_loader
+def _check_width(src: Path, cfg: PruneConfig) -> None:
+    """An impossible --heads / --ffn-width fails here, before anything is written."""
+    if cfg.heads is None and cfg.ffn_width is None:
+        return
+    from transformers import AutoConfig
+
+    from . import width
+
+    width.check_request(AutoConfig.from_pretrained(str(src)), cfg.heads, cfg.ffn_width)
+
+
+def _manual(cfg, model, k, n_before, splits, loaders, spec, device, directory, src):
+    """Depth (greedy, re-scored) then width, as the flags ask: (pruned model, metrics)."""
+    from . import pruning
+    from .prune_steps import subset, width_prune
+
+    info: dict = {"layers_before": n_before, "layers_after": n_before - k}
+    pruned = model
+    if k:
+        _, sens_loader = loaders(subset(splits.eval, cfg.sensitivity_samples, cfg.seed), cfg.eval_batch_size, False)
+        t0 = time.perf_counter()
+        result = pruning.greedy_prune(model, k, lambda m: pruning.layer_sensitivity(m, sens_loader, device, cfg.method))
+        seconds = time.perf_counter() - t0
+        pruned = result.model
+        _write_sensitivity(cfg, directory, result, len(sens_loader.dataset), str(src), n_before, k, seconds)
+        info.update(removed_layers=result.removed, kept_layers=result.kept, sensitivity_method=cfg.method,
+                    sensitivity_rows=len(sens_loader.dataset), sensitivity_time_s=round(seconds, 3))
+    pruned, record = width_prune(pruned, cfg.heads, cfg.ffn_width, splits.train, loaders, spec, device, cfg.seed)
+    if record:
+        artifacts.atomic_write_json(directory / artifacts.WIDTH_FILE, record)
+    return pruned, info
+
+
+def _score(ev: dict) -> float:
+    return ev.get("metric", ev.get("accuracy"))
 
 
 def run_prune(cfg: PruneConfig) -> StageResult:
-    from . import modeling, pruning, training
+    from . import modeling, training, width
+    from .prune_steps import Loaders, refinetune
 
     start = time.perf_counter()
     src, src_manifest, src_digest = resolve_source(cfg)
     n_before = _source_layers(src)
-    k = pruning.layers_to_remove(n_before, cfg.prune_layers, cfg.target_layers)  # fail before any work
+    k = _depth_request(cfg, n_before)  # impossible requests fail before any work or write
+    _check_width(src, cfg)
     directory = artifacts.stage_dir(cfg.output_dir, STAGE)
     if src.resolve() == directory.resolve():
         raise ModelError(f"--prune-source {src} is the pruned stage's own output directory; prune a copy instead")
@@ -149,64 +178,63 @@ def run_prune(cfg: PruneConfig) -> StageResult:
         return _skip_result(directory, run_.current, start)
     with run_:
         print_config("prune", cfg)
-        log.info("source: %s (%d encoder layers); removing %d -> %d layers, sensitivity method %s",
-                 src, n_before, k, n_before - k, cfg.method)
-        if src_manifest and src_manifest.get("config", {}).get("dataset") not in (None, cfg.dataset):
-            log.warning("the source was fine-tuned on %s, but --dataset is %s", src_manifest["config"]["dataset"],
-                        cfg.dataset)
         device = training.resolve_device(cfg.device)
         plan = training.resolve_precision("fp32", device)
+        splits, tokenizer, model, spec = _load(cfg, src, device, src_manifest)
+        loaders = Loaders(cfg, tokenizer, model, device)
+        _, eval_loader = loaders(splits.eval, cfg.eval_batch_size, False)
+        source_eval = training.evaluate(model, eval_loader, device, spec=spec, desc="eval source")
+        shape0 = {"layers_before": n_before, "heads_before": width.num_heads(model) if width.spec(model) else None,
+                  "ffn_before": width.ffn_width(model) if width.spec(model) else None,
+                  "parameters_before": modeling.param_counts(model)["parameters"]}
+        base = dict(shape0, metric_name=spec.metric, source_eval_metric=_score(source_eval),
+                    source_eval_accuracy=source_eval.get("accuracy"), distill=cfg.distill, compress=cfg.compress)
+        inputs = {"source": str(src), "source_manifest": src_digest, "dataset": splits.source}
+        if cfg.compress == "auto":
+            from . import prune_search
 
-        splits, tokenizer, model = _load(cfg, src, device)
-        loader, eval_loader, sens, sens_loader = _loaders(cfg, splits, tokenizer, model, device)
-
-        source_eval = training.evaluate(model, eval_loader, device, desc="eval source")
-        params_before = modeling.param_counts(model)["parameters"]
-        log.info("source: eval accuracy %.4f, %d parameters", source_eval["accuracy"], params_before)
-
-        # 1+2. sensitivity and greedy, iterative removal (re-scored after every removal)
-        t0 = time.perf_counter()
-        result = pruning.greedy_prune(
-            model, k, lambda m: pruning.layer_sensitivity(m, sens_loader, device, cfg.method))
-        sensitivity_time = time.perf_counter() - t0
-        pruned = result.model
-        _write_sensitivity(cfg, run_.directory, result, len(sens), str(src), n_before, k, sensitivity_time)
-
-        pruned_eval = training.evaluate(pruned, eval_loader, device, desc="eval pruned")
-        params_after = modeling.param_counts(pruned)["parameters"]
-        log.info("pruned before re-fine-tuning: eval accuracy %.4f, %d parameters (%.1f%% of the source)",
-                 pruned_eval["accuracy"], params_after, 100.0 * params_after / params_before)
-
-        # 3. re-fine-tune with the shared loop (optionally distilling from the unpruned model)
-        counts = modeling.freeze_layers(pruned, cfg.freeze_layers)
-        cfg = modeling.resolve_lr(cfg, pruned)
-        train_ds, train_loader = loader(splits.train.texts, splits.train.labels, cfg.batch_size, True)
-        loss_fn = None
-        if cfg.distill:
-            loss_fn = pruning.DistillLoss(model, cfg.distill_temperature, cfg.distill_alpha)
-            log.info("distilling from the unpruned model: alpha %.2f x T^2 KL (T=%.1f) + %.2f x CE",
-                     cfg.distill_alpha, cfg.distill_temperature, 1 - cfg.distill_alpha)
+            found = prune_search.run(cfg, model, splits, loaders, spec, device, plan, src_manifest, run_.directory)
+            if found.model is None:
+                metrics = dict(base, reason=found.reason, search=found.record)
+                log.warning("%s", found.reason)
+                run_.finish(status="skipped", reason=found.reason, config=cfg.to_dict(), inputs=inputs,
+                            outputs=artifacts.list_files(run_.directory), metrics=metrics)
+                return StageResult("prune", "skipped", time.perf_counter() - start, found.reason, str(directory))
+            pruned, info, trained = found.model, dict(found.info, search=found.record), found.trained
         else:
-            del model
-        training.seed_everything(cfg.seed)
-        trained = training.train(pruned, train_loader, eval_loader, cfg, device, plan, loss_fn=loss_fn)
-
-        pruned.to("cpu")
-        artifacts.save_model(pruned, tokenizer, run_.directory)
-        artifacts.atomic_write_json(run_.directory / "labels.json", splits.label_names)
-        best = trained.metrics["best_eval_accuracy"]
-        metrics = dict(
-            trained.metrics, **counts, train_rows=len(splits.train), eval_rows=len(splits.eval),
-            mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2),
-            layers_before=n_before, layers_after=n_before - k, removed_layers=result.removed, kept_layers=result.kept,
-            parameters_before=params_before, parameters_after=params_after, sensitivity_method=cfg.method,
-            sensitivity_rows=len(sens), sensitivity_time_s=round(sensitivity_time, 3),
-            source_eval_accuracy=source_eval["accuracy"], accuracy_before_finetune=pruned_eval["accuracy"],
-            accuracy_after_finetune=best, accuracy_delta=best - source_eval["accuracy"], distill=cfg.distill)
-        run_.finish(
-            status="ok", config=cfg.to_dict(),
-            inputs={"source": str(src), "source_manifest": src_digest, "dataset": splits.source},
-            outputs=artifacts.list_files(run_.directory), metrics=metrics,
-            data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved},
-        )
+            pruned, info = _manual(cfg, model, k, n_before, splits, loaders, spec, device, run_.directory, src)
+            before = training.evaluate(pruned, eval_loader, device, spec=spec, desc="eval pruned, before re-fine-tune")
+            info.update(accuracy_before_finetune=before.get("accuracy"), metric_before_finetune=_score(before))
+            counts = modeling.freeze_layers(pruned, cfg.freeze_layers)
+            cfg = modeling.resolve_lr(cfg, pruned)
+            train_ds, train_loader = loaders(splits.train, cfg.batch_size, True)
+            trained = refinetune(cfg, pruned, model, train_loader, eval_loader, spec, device, plan).metrics
+            info.update(counts, mean_train_tokens=round(sum(train_ds.lengths) / max(len(train_ds), 1), 2))
+        metrics = _finish(cfg, run_, run_.directory, pruned, tokenizer, splits, eval_loader, spec, device, base, info,
+                          trained, inputs)
     return StageResult("prune", "ok", time.perf_counter() - start, _key_metric(metrics), str(directory))
+
+
+def _finish(cfg, run_, directory, pruned, tokenizer, splits, eval_loader, spec, device, base, info, trained, inputs):
+    """Evaluate on the reported split, save the model and write the manifest (last)."""
+    from . import families, modeling, training, width
+
+    final = training.evaluate(pruned, eval_loader, device, spec=spec, desc="eval pruned")
+    pruned.to("cpu")
+    artifacts.save_model(pruned, tokenizer, directory)
+    artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+    after = {"heads_after": width.num_heads(pruned) if width.spec(pruned) else None,
+             "ffn_after": width.ffn_width(pruned) if width.spec(pruned) else None,
+             "layers_after": families.depth(pruned),
+             "parameters_after": modeling.param_counts(pruned)["parameters"],
+             "loads_with_auto_classes": width.auto_loadable(pruned)}
+    metrics = {**trained, **base, **info, **after, "train_rows": len(splits.train), "eval_rows": len(splits.eval),
+               "pruned_eval_metric": _score(final), "accuracy_after_finetune": final.get("accuracy")}
+    metrics["metric_delta"] = metrics["pruned_eval_metric"] - base["source_eval_metric"]
+    if final.get("accuracy") is not None and base["source_eval_accuracy"] is not None:
+        metrics["accuracy_delta"] = final["accuracy"] - base["source_eval_accuracy"]
+    run_.finish(status="ok", config=cfg.to_dict(), inputs=inputs, outputs=artifacts.list_files(directory),
+                metrics=metrics,
+                data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
+                      **spec.to_dict()})
+    return metrics

@@ -267,9 +267,13 @@ def greedy_prune(model, k: int, scorer: Callable[[object], LayerScores]) -> Prun
 # ----------------------------------------------------------------------------- distillation
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
     """``alpha`` * T^2 * KL(teacher_T || student_T) + (1 - ``alpha``) * CE(student, labels)
-    (Hinton et al.: the T^2 factor keeps the soft-target gradients on the CE scale)."""
+    (Hinton et al.: the T^2 factor keeps the soft-target gradients on the CE scale); one output
+    (regression): ``alpha`` * MSE(student, teacher) + (1 - ``alpha``) * MSE(student, labels)."""
     import torch.nn.functional as F
 
+    if student_logits.shape[-1] == 1:  # regression: match the teacher's score (MSE) instead of a softmax
+        s = student_logits.float().view(-1)
+        return alpha * F.mse_loss(s, teacher_logits.float().view(-1)) + (1.0 - alpha) * F.mse_loss(s, labels.float())
     t = float(temperature)
     kd = F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1),
                   F.log_softmax(teacher_logits.float() / t, dim=-1), reduction="batchmean", log_target=True)

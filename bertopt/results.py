@@ -19,7 +19,12 @@ modes' median pass seconds and ``same_predictions``) and ``protocol.streams`` (N
 the rows with a throughput mode and why the others have none),
 ``reference_model`` (which model is the FP32 reference: ``name``, ``trained_here``; for a ``--trained``
 model fine-tuned elsewhere also ``kind``, ``path``, ``revision``, ``files``) and, on the reference rows of
-such a model, ``variants[].reference_model`` / ``trained_elsewhere``.
+such a model, ``variants[].reference_model`` / ``trained_elsewhere``, and ``compression_search``
+(prune.py --auto's search.json: ``split``, ``metric``, ``unpruned_search_metric``, ``budget``, ``unpruned`` {shape, forward_ms, parameters}, ``tried`` =
+[{shape, layers, heads, ffn, parameters, forward_ms, speedup, metric, drop, within_budget, time_s}],
+``chosen`` (a shape label or null), ``search_time_s``; the metric is on the search split carved from
+train, not the eval split the variants' figures use; speeds are one forward on the host that ran the
+search).
 """
 from __future__ import annotations
 
@@ -82,6 +87,11 @@ def problems(results: Any) -> list[str]:
                 out.append(f"variants[{i}].{key}: expected {kind.__name__}")
         if row.get("status") not in STATUSES:
             out.append(f"variants[{i}].status {row.get('status')!r} is not one of {', '.join(STATUSES)}")
+    search = results.get("compression_search")
+    if search is not None and not (isinstance(search, dict) and isinstance(search.get("tried"), list)
+                                   and all(isinstance(t, dict) and {"shape", "forward_ms", "metric"} <= set(t)
+                                           for t in search["tried"])):
+        out.append("compression_search: expected an object whose tried list holds {shape, forward_ms, metric}")
     rec = results.get("recommendation")
     if rec is not None:
         missing = [k for k in RECOMMENDATION if k not in (rec if isinstance(rec, dict) else {})]

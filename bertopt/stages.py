@@ -114,9 +114,33 @@ def add_prune_args(parser, standalone: bool = False):
     cli.add(g, "--sensitivity-samples", type=cli._optional_count, metavar="N|all",
             help="eval rows used for the sensitivity analysis (default: all)")
     cli.add(g, "--distill", action="store_true", default=None,
-            help="re-fine-tune with KL on the unpruned model's soft targets + CE")
+            help="re-fine-tune with KL on the unpruned model's soft targets + CE (the default)")
+    cli.add(g, "--no-distill", dest="distill", action="store_false", default=None,
+            help="re-fine-tune with the plain task loss instead of distilling from the unpruned model")
     cli.add(g, "--distill-alpha", type=float, metavar="A", help="weight of the distillation term (default: 0.5)")
     cli.add(g, "--distill-temperature", type=float, metavar="T", help="softmax temperature (default: 2.0)")
+
+
+    w = parser.add_argument_group("width pruning and the compression search")
+    cli.add(w, "--heads", type=int, metavar="K", help="keep K attention heads in every layer (enables the prune stage)")
+    cli.add(w, "--ffn-width", type=int, metavar="W", help="keep W FFN neurons in every layer (enables the prune stage)")
+    cli.add(w, "--compress", choices=("auto", "none"),
+            help="auto = search depth x heads x FFN width for the fastest shape within --search-accuracy-budget "
+                 "(enables the prune stage)")
+    cli.add(w, "--auto", dest="compress", action="store_const", const="auto", help="same as --compress auto")
+    cli.add(w, "--time-budget", type=float, metavar="S", help="seconds of KD fine-tuning per searched shape (default 90)")
+    cli.add(w, "--search-accuracy-budget", type=float, metavar="F",
+            help="largest metric drop (fraction, 0.01 = 1 point) a searched shape may show against the unpruned "
+                 "model on the search split carved from train (compare's --accuracy-budget is another)")
+    cli.add(w, "--search-rows", type=int, metavar="N", help="rows of the search split carved from train (default 1000)")
+    cli.add(w, "--importance-rows", type=int, metavar="N",
+            help="training rows the head / FFN-neuron importance is accumulated over (default 512)")
+    cli.add(w, "--max-candidates", type=int, metavar="N", help="shapes fine-tuned at most by the search (default 6)")
+
+
+def _prune_enabled(ns) -> bool:
+    return any(getattr(ns, n, None) is not None for n in ("prune_layers", "target_layers", "heads", "ffn_width")) \
+        or getattr(ns, "compress", None) == "auto"
 
 
 def build_prune(ns):
@@ -133,10 +157,10 @@ def build_prune(ns):
 
 
 PRUNE = Stage("prune", "prune.py",
-              "greedy structured layer pruning + re-fine-tune (enabled by --prune-layers or --target-layers)",
+              "structured depth/width pruning + distilled re-fine-tune (enabled by --prune-layers, --target-layers, "
+              "--heads, --ffn-width or --compress auto)",
               add_prune_args, build_prune, _here_or_sagemaker("pruned", _lazy("prune_stage", "run_prune")), optional=True,
-              enabled_by=lambda ns: getattr(ns, "prune_layers", None) is not None
-              or getattr(ns, "target_layers", None) is not None)
+              enabled_by=_prune_enabled)
 
 def _onnx_pipeline_defaults(ns, running: set) -> dict:
     # the ONNX graphs of the mixed-precision model are the baseline's graphs with other weights

@@ -271,11 +271,19 @@ def _results(s: Setup, rows: list[dict], env: dict, peak: Peak, sweep: Sweep, e2
         "inputs": {k: {"stage": m.get("stage"), "status": m.get("status"), "created": m.get("created")}
                    for k, m in s.manifests.items()},
     }
-    sens = artifacts.sensitivity_path(out)
-    if sens.is_file():
-        try:
-            results["pruning"] = json.loads(sens.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            log.warning("cannot read %s: %s", sens, exc)
+    results.update(pruning_records(out))
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def pruning_records(out) -> dict:
+    """The prune stage's records results.json carries: ``pruning`` (sensitivity.json) and
+    ``compression_search`` (search.json of prune.py --auto), where present and readable."""
+    found = {}
+    for key, path in (("pruning", artifacts.sensitivity_path(out)), ("compression_search", artifacts.search_path(out))):
+        if path.is_file():
+            try:
+                found[key] = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                log.warning("cannot read %s: %s", path, exc)
+    return found

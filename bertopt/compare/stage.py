@@ -37,6 +37,11 @@ def _input_digests(output_dir: Path) -> dict:
         import hashlib
 
         digests[f"pruned/{artifacts.SENSITIVITY_FILE}"] = hashlib.sha256(sens.read_bytes()).hexdigest()[:16]
+    search = artifacts.search_path(output_dir)
+    if search.is_file():
+        import hashlib
+
+        digests[f"pruned/{artifacts.SEARCH_FILE}"] = hashlib.sha256(search.read_bytes()).hexdigest()[:16]
     return digests
 
 

@@ -110,6 +110,7 @@ def build_context(results: dict, loadtest: Optional[dict] = None) -> dict:
         "radar": plots.radar(results),
         "loss": plots.loss_curves(results),
         "pruning": plots.pruning_sensitivity(results),
+        "search": plots.compression_search(results),
     }
     from markupsafe import Markup
 

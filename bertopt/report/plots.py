@@ -352,3 +352,46 @@ def pruning_sensitivity(results: dict) -> Optional[str]:
     ax.set_ylabel(yk.replace("_", " ") + " (%)")
     ax.grid(alpha=0.3)
     return to_svg(fig, "pruning-sensitivity")
+
+
+# ----------------------------------------------------------------------------- compression search
+def compression_search(results: dict) -> Optional[str]:
+    """Speed/metric of every shape prune.py --auto tried (search.json in results.json), with the
+    unpruned model, the budget line and the Pareto frontier; the chosen shape is starred."""
+    search = results.get("compression_search")
+    tried = [t for t in (search or {}).get("tried") or []
+             if isinstance(t.get("speedup"), (int, float)) and isinstance(t.get("metric"), (int, float))]
+    if not tried:
+        return None
+    base = search.get("unpruned_search_metric")
+    fig = Figure(layout="constrained", figsize=(8, 4.6))
+    ax = fig.add_subplot()
+    pts = sorted(((t["speedup"], 100 * t["metric"], t) for t in tried), key=lambda p: (-p[0], -p[1]))
+    frontier, best = [], -math.inf
+    for x, y, _ in pts:  # fastest first: a point is on the frontier when nothing faster scores higher
+        if y > best:
+            frontier.append((x, y))
+            best = y
+    if len(frontier) > 1:
+        ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="#999999", linestyle=":",
+                label="Pareto frontier")
+    for x, y, t in pts:
+        chosen = t.get("shape") == search.get("chosen")
+        ax.scatter([x], [y], s=160 if chosen else 50, marker="*" if chosen else "o", zorder=3,
+                   color=REC_COLOR if chosen else ("#2e8b57" if t.get("within_budget") else "#7f7f7f"))
+        ax.annotate(f"{t['shape']} ({t.get('parameters', 0) / 1e6:.1f}M)", (x, y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    if isinstance(base, (int, float)):
+        ax.scatter([1.0], [100 * base], marker="s", color="#3b75af", zorder=3, label="unpruned")
+        budget = search.get("budget")
+        if isinstance(budget, (int, float)):
+            ax.axhline(100 * (base - budget), color=REC_COLOR, linestyle="--", linewidth=0.8,
+                       label=f"budget ({100 * budget:.1f} pts below unpruned)")
+    metric = str(search.get("metric") or "metric")
+    ax.set_xlabel("forward speed-up over the unpruned model (one batch, the host that ran the search)")
+    ax.set_ylabel(f"{metric} % on the search split")
+    ax.set_title(f"compression search: {len(tried)} shape(s) fine-tuned, chosen {search.get('chosen') or 'none'}"
+                 f" (green = within budget, grey = over)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return to_svg(fig, "compression-search")
