@@ -292,11 +292,18 @@ def build_fp16(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict
 
 
 def build_qdq(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    """One calibration, two files: the signed TensorRT Q/DQ model (trt-int8's input, checked
+    against what TensorRT's explicit quantization takes) and its CPU form (``spec.file``)."""
+    from . import qdq
+
     src = out_dir / spec.built_from
+    trt_file = out_dir / variants.get("trt-int8").built_from
     feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
-    return dict(ex.quantize_qdq(src, out_dir / spec.file, feeds, per_channel=cfg.qdq_per_channel,
-                                method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output"),
-                from_file=src.name)
+    facts = ex.quantize_qdq(src, trt_file, feeds, per_channel=cfg.qdq_per_channel,
+                            method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output")
+    problems = qdq.trt_problems(trt_file)
+    return dict(facts, from_file=src.name, tensorrt_file=trt_file.name,
+                tensorrt_check=problems[:5] or "ok", cpu_form=qdq.cpu_qdq(trt_file, out_dir / spec.file))
 
 
 def build_ov_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
