@@ -188,12 +188,13 @@ def _fmt_line(name: str, info: dict) -> str:
 
 
 def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, fp32_size: int,
-                     facts: dict) -> dict:
-    """Parity (shapes + eval split) and accuracy of one built variant; decides its status."""
+                     facts: dict, stage: str = "onnx") -> dict:
+    """Parity (shapes + eval split) and accuracy of one built variant; decides its status
+    (``stage``: the registry stage of the variant, e.g. ``qat`` for the QAT stage's rows)."""
     from .errors import ModelError
     from .runtimes import open_predictor
 
-    spec = variants.by_key("onnx", name)
+    spec = variants.by_key(stage, name)
     path = out_dir / spec.file
     info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
             "reason": None, "size_bytes": ex.file_size(path), "devices": [d for d in spec.devices if d != "cpu"],
@@ -221,7 +222,8 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
     if not ref.spec.plain:
         info["metric"] = ref.spec.metric
     info["status"], info["reason"] = decide_status(name, info["parity"]["max_abs_diff"], info["accuracy_delta"],
-                                                   cfg.parity_tolerance, cfg.onnx_accuracy_budget, ref.spec.metric)
+                                                   getattr(cfg, "parity_tolerance", 0.0), cfg.onnx_accuracy_budget,
+                                                   ref.spec.metric)
     return info
 
 
@@ -402,8 +404,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
     return manifest, False
 
 
-def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
-    spec = variants.by_key("onnx", name)
+def _failed(name: str, reason: str, facts: dict, status: str = "failed", stage: str = "onnx") -> dict:
+    spec = variants.by_key(stage, name)
     return {"file": None if status == "skipped" else spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
             "reason": reason, "size_bytes": None, "devices": [], "parity": None, "accuracy": None,
             "accuracy_delta": None, **facts}
