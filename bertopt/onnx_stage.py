@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, modeling, variants
+from . import artifacts, families, modeling, ptq_search, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -365,6 +365,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                     facts = build_variant(cfg, ref, out_dir, name, variants_)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+                info = ptq_search.maybe_recover(cfg, ref, out_dir, name, info, fp32_size, evaluate_variant)
             except ex.VariantUnavailable as exc:
                 info = _failed(name, str(exc), facts, status="skipped")
             except PipelineError as exc:

@@ -277,6 +277,7 @@ def accuracy_aware(candidates: Sequence[str], score: Callable[[list[str]], float
         if value >= reference - budget:
             result.met_budget = True
             break
-    best = max(result.steps, key=lambda s: (s["score"] >= reference - budget, -len(s["kept_float"]), s["score"]))
+    met = [s for s in result.steps if s["score"] >= reference - budget]
+    best = min(met, key=lambda s: len(s["kept_float"])) if met else max(result.steps, key=lambda s: s["score"])
     result.kept_float = list(best["kept_float"])
     return result

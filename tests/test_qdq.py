@@ -142,3 +142,38 @@ def test_accuracy_aware_search_stops_at_the_budget_and_records_its_steps():
     assert not capped.met_budget and len(capped.steps) == 2  # the step limit
     ok = qdq.accuracy_aware(list(cost), lambda kept: 0.899, reference=0.90, budget=0.01)
     assert ok.met_budget and ok.kept_float == [] and len(ok.steps) == 1  # nothing to do
+
+
+def test_ort_search_records_each_step_and_rewrites_both_files(signed, tmp_path, monkeypatch):
+    """The ONNX stage's search on a real Q/DQ model, scored by a fake split whose reference can
+    never be met: it stops at the step limit, records every step, and both files keep the best
+    step's nodes in float (the TensorRT file and its CPU form alike)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from bertopt import ptq_search
+
+    shutil.copy(signed / "model.onnx", tmp_path / "model.onnx")
+    shutil.copy(signed / "model.qdq.onnx", tmp_path / "model.qdq.onnx")
+    monkeypatch.setattr(ptq_search, "MAX_STEPS", 3)
+    calls = []
+
+    class FakeSplit:
+        reference = 2.0  # unreachable
+
+        def score(self, predictor):  # every call a little better: the last step is the best one
+            calls.append(predictor)
+            return 0.5 + 0.001 * len(calls)
+
+    cfg = SimpleNamespace(ort_threads=1, onnx_accuracy_budget=0.01)
+    out = ptq_search._search_ort(cfg, None, tmp_path, FakeSplit())
+    n = len(qdq.quantized_nodes(signed / "model.qdq.onnx"))
+    assert out["candidates"] == n and not out["met_budget"]
+    assert len(out["steps"]) == 1 + 3 and [len(s["kept_float"]) for s in out["steps"]] == [0, 1, 2, 3]
+    assert len(calls) == 1 + n + 3  # the start, one sensitivity score per node, then the steps
+    kept = out["kept_float"]
+    assert kept == out["steps"][-1]["kept_float"] and len(kept) == 3  # budget missed: the best-scoring step
+    assert qdq.quantized_nodes(tmp_path / "model.qdq.onnx") == [x for x in qdq.quantized_nodes(
+        signed / "model.qdq.onnx") if x not in kept]
+    assert qdq.trt_problems(tmp_path / "model.qdq.onnx") == []
+    assert (tmp_path / "model.qdq-cpu.onnx").is_file()
