@@ -279,8 +279,10 @@ def add_args(parser, standalone: bool = False) -> None:
         help="training sentences to calibrate the quantizers before QAT (default: {default})")
     cli.add(g, "--distill-alpha", type=float, metavar="A", help="weight of the distillation term (default: 0.5)")
     cli.add(g, "--distill-temperature", type=float, metavar="T", help="softmax temperature (default: 2.0)")
+    # the ONNX stage's flag, defined with the same meaning (the QAT rows go through the same gate)
     add("--onnx-accuracy-budget", type=float, metavar="X",
-        help="QAT rows losing more of the task metric than this vs FP32 are marked rejected (default: {default})")
+        help="reduced-precision variants losing more accuracy than this (absolute, vs their FP32 source) are "
+             "marked rejected (default: {default}; compare.py's --accuracy-budget is the recommendation's)")
 
 
 def build_config(ns) -> QatConfig:
