@@ -193,7 +193,7 @@ def evaluate_rows(cfg: QatConfig, ref, out_dir: Path, facts: dict) -> dict:
     for spec in variants.for_stage(STAGE):
         usable, why = spec.available()
         if spec.backend == "tensorrt":
-            why = why or "TensorRT engines are built by the GPU machine's run (no CUDA device here)"
+            why = (why or "").replace(" ()", "") or "TensorRT engines are built on an NVIDIA GPU (none here)"
             rows[spec.key] = _failed(spec.key, f"{why}; model.qat.onnx is its explicit-quantization input",
                                      {}, status="skipped", stage=STAGE)
             continue
