@@ -40,6 +40,7 @@ STAGE_DIRS = {
     "pruned": ("pruned", "python prune.py --prune-layers 2"),
     "onnx": ("onnx", "python onnx_tensorrt.py"),
     "tensorrt": ("tensorrt", "python onnx_tensorrt.py"),
+    "qat": ("qat", "python qat.py"),
     "aws": ("aws", "python aws_deploy.py"),
 }
 # the trained-model stages, in the order later stages consider them

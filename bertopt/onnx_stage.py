@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, model_files, modeling, variants, width
+from . import artifacts, families, model_files, modeling, ptq_search, variants, width
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -192,12 +192,13 @@ def _fmt_line(name: str, info: dict) -> str:
 
 
 def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, fp32_size: int,
-                     facts: dict) -> dict:
-    """Parity (shapes + eval split) and accuracy of one built variant; decides its status."""
+                     facts: dict, stage: str = "onnx") -> dict:
+    """Parity (shapes + eval split) and accuracy of one built variant; decides its status
+    (``stage``: the registry stage of the variant, e.g. ``qat`` for the QAT stage's rows)."""
     from .errors import ModelError
     from .runtimes import open_predictor
 
-    spec = variants.by_key("onnx", name)
+    spec = variants.by_key(stage, name)
     path = out_dir / spec.file
     info = {"file": spec.file, "backend": spec.backend, "precision": spec.precision, "status": "ok",
             "reason": None, "size_bytes": model_files.model_bytes(path), "devices": [d for d in spec.devices if d != "cpu"],
@@ -227,7 +228,8 @@ def evaluate_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, 
     if not ref.spec.plain:
         info["metric"] = ref.spec.metric
     info["status"], info["reason"] = decide_status(name, info["parity"]["max_abs_diff"], info["accuracy_delta"],
-                                                   cfg.parity_tolerance, cfg.onnx_accuracy_budget, ref.spec.metric)
+                                                   getattr(cfg, "parity_tolerance", 0.0), cfg.onnx_accuracy_budget,
+                                                   ref.spec.metric)
     return info
 
 
@@ -299,11 +301,18 @@ def build_fp16(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict
 
 
 def build_qdq(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
+    """One calibration, two files: the signed TensorRT Q/DQ model (trt-int8's input, checked
+    against what TensorRT's explicit quantization takes) and its CPU form (``spec.file``)."""
+    from . import qdq
+
     src = out_dir / spec.built_from
+    trt_file = out_dir / variants.get("trt-int8").built_from
     feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
-    return dict(ex.quantize_qdq(src, out_dir / spec.file, feeds, per_channel=cfg.qdq_per_channel,
-                                method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output"),
-                from_file=src.name)
+    facts = ex.quantize_qdq(src, trt_file, feeds, per_channel=cfg.qdq_per_channel,
+                            method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output")
+    problems = qdq.trt_problems(trt_file)
+    return dict(facts, from_file=src.name, tensorrt_file=trt_file.name,
+                tensorrt_check=problems[:5] or "ok", cpu_form=qdq.cpu_qdq(trt_file, out_dir / spec.file))
 
 
 def build_ov_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
@@ -372,6 +381,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
                     facts = build_variant(cfg, ref, out_dir, name, variants_)
                 facts["build_s"] = round(time.perf_counter() - t0, 2)
                 info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+                info = ptq_search.maybe_recover(cfg, ref, out_dir, name, info, fp32_size, evaluate_variant)
             except ex.VariantUnavailable as exc:
                 info = _failed(name, str(exc), facts, status="skipped")
             except PipelineError as exc:
@@ -414,8 +424,8 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
     return manifest, False
 
 
-def _failed(name: str, reason: str, facts: dict, status: str = "failed") -> dict:
-    spec = variants.by_key("onnx", name)
+def _failed(name: str, reason: str, facts: dict, status: str = "failed", stage: str = "onnx") -> dict:
+    spec = variants.by_key(stage, name)
     return {"file": None if status == "skipped" else spec.file, "backend": spec.backend, "precision": spec.precision, "status": status,
             "reason": reason, "size_bytes": None, "devices": [], "parity": None, "accuracy": None,
             "accuracy_delta": None, **facts}

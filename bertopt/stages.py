@@ -173,13 +173,18 @@ ONNX_TENSORRT = Stage("onnx_tensorrt", "onnx_tensorrt.py",
                       "(OpenVINO rows where its wheels exist), TensorRT engines (skipped without an NVIDIA GPU)",
                       _lazy("onnx_stage", "add_args"), _lazy("onnx_stage", "build_config"), _lazy("onnx_stage", "run"),
                       pipeline_defaults=_onnx_pipeline_defaults)
+QAT = Stage("qat", "qat.py",
+            "quantization-aware INT8 training (nvidia-modelopt) + one Q/DQ ONNX for ONNX Runtime, OpenVINO and "
+            "TensorRT (enabled by --qat; skipped with the reason where ModelOpt is missing or cannot quantize)",
+            _lazy("qat_stage", "add_args"), _lazy("qat_stage", "build_config"), _lazy("qat_stage", "run"),
+            optional=True, enabled_by=lambda ns: bool(getattr(ns, "qat", None)))
 COMPARE = Stage("compare", "compare.py",
                 "measure every variant (accuracy, throughput, latency, sweep, memory, efficiency), recommend one, "
                 "write reports/results.json and the HTML report",
                 _lazy("compare.config", "add_compare_args"), _lazy("compare.config", "build_compare"),
                 _lazy("compare.stage", "run"), pipeline_defaults=lambda ns, running: {"protocol_name": "fast"})
 
-STAGES: list[Stage] = [TRAINED, BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, COMPARE]
+STAGES: list[Stage] = [TRAINED, BASELINE, MIXED_PRECISION, PRUNE, ONNX_TENSORRT, QAT, COMPARE]
 
 
 def by_name() -> dict[str, Stage]:

@@ -100,7 +100,11 @@ for _spec in (
                 "model.onnx", _BUILD + "build_int4", deployable=True, batch_dependent=True),  # int8 compute
     VariantSpec("ort-fp16", "fp16", "onnxruntime", "fp16", "onnx", "model.fp16.onnx", ("cpu", "cuda"), _ORT,
                 "model.onnx", _BUILD + "build_fp16", deployable=True),
-    VariantSpec("ort-qdq", "qdq", "onnxruntime", "int8", "onnx", "model.qdq.onnx", ("cpu", "cuda"), _ORT,
+    # static INT8: build_qdq calibrates once and writes two files: model.qdq.onnx (signed INT8
+    # activations, zero-point 0: TensorRT's explicit-quantization input, trt-int8 below) and this
+    # one, the same Q/DQ with uint8 activations (zero-point 128, same values) that ONNX Runtime's
+    # CPU provider fuses into integer QLinearMatMul kernels (bertopt/qdq.py says why)
+    VariantSpec("ort-qdq", "qdq", "onnxruntime", "int8", "onnx", "model.qdq-cpu.onnx", ("cpu", "cuda"), _ORT,
                 "model.onnx", _BUILD + "build_qdq", deployable=True),
     VariantSpec("trt-fp32", "fp32", "tensorrt", "fp32", "tensorrt", "model.fp32.plan", ("cuda",),
                 "bertopt.runtimes:open_tensorrt", "model.onnx", needs="tensorrt"),
@@ -125,6 +129,14 @@ for _spec in (
     VariantSpec("ov-int8-bf16", "ov-int8-bf16", "openvino", "int8", "onnx", "model.ov-int8.xml", ("cpu",),
                 "bertopt.runtimes:OpenVinoPredictor", "model.ov-int8.xml", needs="nncf", install_hint=OV_HINT,
                 deployable=True, float_math="bf16"),
+    # quantization-aware training (qat stage, nvidia-modelopt): one signed Q/DQ model.qat.onnx read by
+    # OpenVINO and TensorRT, and its uint8-activation CPU form for ONNX Runtime (bertopt/qdq.py)
+    VariantSpec("ort-qat", "qat", "onnxruntime", "int8", "qat", "model.qat-cpu.onnx", ("cpu",), _ORT,
+                "model.qat.onnx", deployable=True),
+    VariantSpec("ov-qat", "ov-qat", "openvino", "int8", "qat", "model.qat.onnx", ("cpu",),
+                "bertopt.runtimes:OpenVinoPredictor", needs="openvino", install_hint=OV_HINT, deployable=True),
+    VariantSpec("trt-qat", "trt-qat", "tensorrt", "int8", "qat", "model.qat.plan", ("cuda",),
+                "bertopt.runtimes:open_tensorrt", "model.qat.onnx", needs="tensorrt"),
 ):
     register(_spec)
 

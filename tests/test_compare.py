@@ -365,7 +365,9 @@ def test_compare_is_registered_after_onnx_tensorrt():
 
     names = [s.name for s in STAGES]
     assert "compare" in names
-    assert names.index("compare") == names.index("onnx_tensorrt") + 1
+    # right after the ONNX stage, or after the optional qat stage that follows it (its rows are compared too)
+    between = names[names.index("onnx_tensorrt") + 1:names.index("compare")]
+    assert between in ([], ["qat"])
 
 
 def test_latency_task_discards_a_disturbed_round():

@@ -15,7 +15,7 @@ from bertopt.errors import ConfigError, MissingArtifact, ModelError, PipelineErr
 
 VARIANT_FILES = {"model.onnx", "model.opt.onnx", "model.int8.onnx", "model.int8-unfused.onnx", "model.int4.onnx",
                  "model.fp16.onnx",
-                 "model.qdq.onnx"}
+                 "model.qdq.onnx", "model.qdq-cpu.onnx"}
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,11 @@ def discover(output_dir: str | os.PathLike, device_pref: str = "auto") -> tuple[
         else:
             manifests[f"onnx/{source}"] = m
             rows += _onnx_rows(m, onnx_dir, source, prefix, ort_cuda)
+        qat_dir = artifacts.stage_dir(out, "qat") / source  # optional stage (--qat): no row when absent
+        m = artifacts.read_manifest(qat_dir)
+        if m is not None:
+            manifests[f"qat/{source}"] = m
+            rows += _onnx_rows(m, qat_dir, source, prefix, ort_cuda, stage="qat")
         trt_dir = artifacts.stage_dir(out, "tensorrt") / source
         m = artifacts.read_manifest(trt_dir)
         if m is None:
@@ -189,16 +194,17 @@ def _trained_rows(out: Path, rows: list, manifests: dict, cuda: bool) -> list[st
     return sources
 
 
-def _onnx_rows(manifest: dict, onnx_dir: Path, source: str, prefix: str, ort_cuda: bool) -> list[Variant]:
+def _onnx_rows(manifest: dict, onnx_dir: Path, source: str, prefix: str, ort_cuda: bool,
+               stage: str = "onnx") -> list[Variant]:
     rows = []
     metrics = manifest.get("metrics") or {}
     if manifest.get("status") != "ok":
-        return [Variant(f"{prefix}ort", backend="onnxruntime", precision="-", source=source, device="cpu",
-                        kind="onnx", status=manifest.get("status") or "failed",
-                        reason=manifest.get("reason") or "the ONNX stage did not finish")]
+        return [Variant(f"{prefix}{'ort' if stage == 'onnx' else stage}", backend="onnxruntime", precision="-",
+                        source=source, device="cpu", kind="onnx", status=manifest.get("status") or "failed",
+                        reason=manifest.get("reason") or f"the {stage} stage did not finish")]
     for key, v in (metrics.get("variants") or {}).items():
         devices = v.get("devices") or ["cpu"]
-        spec = variants.by_key("onnx", key)
+        spec = variants.by_key(stage, key)
         if spec is None:  # written by a newer checkout: show it, do not guess how to open it
             rows.append(Variant(f"{prefix}{key}", backend=v.get("backend") or "?", precision=v.get("precision") or "-",
                                 source=source, device="cpu", kind="onnx", status="skipped",
