@@ -4,9 +4,9 @@ Reads the baseline (or ``--qat-source pruned|DIR``), inserts ModelOpt fake quant
 (:mod:`bertopt.qat`: TensorRT's symmetric signed INT8), calibrates on a seeded training sample,
 fine-tunes a fraction of an epoch (dropout off, lr ~1.5e-5) with distillation from the FP32
 model through the shared training loop, and writes ``<output_dir>/qat/<source>/``:
-``model.qat.onnx`` (signed Q/DQ: TensorRT's and OpenVINO's input), ``model.qat-cpu.onnx`` (the
-same values with uint8 activations: ONNX Runtime CPU integer kernels, :mod:`bertopt.qdq`), the
-tokenizer, config.json and ``manifest.json``. Each registry row of the stage (``ort-qat``,
+``model.qat.onnx`` (signed Q/DQ, read by ONNX Runtime, OpenVINO and TensorRT alike: unlike the
+post-training Q/DQ model, every quantized input has its own quantizer, so ONNX Runtime's CPU
+provider runs it on integer kernels as it is), the tokenizer, config.json and ``manifest.json``. Each registry row of the stage (``ort-qat``,
 ``ov-qat``, ``trt-qat``) is recorded like an ONNX-stage variant (parity, accuracy, the
 ``--onnx-accuracy-budget`` gate), so compare measures them beside the others. Where ModelOpt is
 missing or cannot quantize the family, the stage is ``skipped`` with the reason.
@@ -161,7 +161,7 @@ def quantize_and_train(cfg: QatConfig, ref, out_dir: Path) -> tuple[object, dict
 
 
 def export_files(cfg: QatConfig, ref, model, out_dir: Path) -> dict:
-    """model.qat.onnx (signed, checked for TensorRT) and its CPU form; parity vs the fake-quant model."""
+    """model.qat.onnx (signed, checked for TensorRT); parity of ONNX Runtime vs the fake-quant model."""
     from . import export as ex
     from . import qat, qdq
 
@@ -172,7 +172,6 @@ def export_files(cfg: QatConfig, ref, model, out_dir: Path) -> dict:
         raise qat.QatUnavailable(f"the fake-quant {type(model).__name__} does not export to Q/DQ ONNX: "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     facts["tensorrt_check"] = qdq.trt_problems(signed)[:5] or "ok"
-    facts["cpu_form"] = qdq.cpu_qdq(signed, out_dir / variants.get("ort-qat").file)
     from .runtimes import OrtPredictor
 
     fq = qat.fake_quant_logits(model, ref.eval_set[0])

@@ -129,10 +129,11 @@ for _spec in (
     VariantSpec("ov-int8-bf16", "ov-int8-bf16", "openvino", "int8", "onnx", "model.ov-int8.xml", ("cpu",),
                 "bertopt.runtimes:OpenVinoPredictor", "model.ov-int8.xml", needs="nncf", install_hint=OV_HINT,
                 deployable=True, float_math="bf16"),
-    # quantization-aware training (qat stage, nvidia-modelopt): one signed Q/DQ model.qat.onnx read by
-    # OpenVINO and TensorRT, and its uint8-activation CPU form for ONNX Runtime (bertopt/qdq.py)
-    VariantSpec("ort-qat", "qat", "onnxruntime", "int8", "qat", "model.qat-cpu.onnx", ("cpu",), _ORT,
-                "model.qat.onnx", deployable=True),
+    # quantization-aware training (qat stage, nvidia-modelopt): one signed Q/DQ model.qat.onnx for all
+    # three runtimes (ModelOpt gives every Linear input its own quantizer, so ONNX Runtime's CPU
+    # provider fuses each into an integer MatMulIntegerToFloat without the uint8 rewrite ort-qdq needs)
+    VariantSpec("ort-qat", "qat", "onnxruntime", "int8", "qat", "model.qat.onnx", ("cpu",), _ORT,
+                deployable=True),
     VariantSpec("ov-qat", "ov-qat", "openvino", "int8", "qat", "model.qat.onnx", ("cpu",),
                 "bertopt.runtimes:OpenVinoPredictor", needs="openvino", install_hint=OV_HINT, deployable=True),
     VariantSpec("trt-qat", "trt-qat", "tensorrt", "int8", "qat", "model.qat.plan", ("cuda",),

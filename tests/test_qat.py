@@ -43,14 +43,14 @@ def test_stage_writes_one_qdq_model_per_runtime_and_records_its_rows(qat_run):
     assert result.status == "ok"
     d = out / "qat" / "baseline"
     files = set(artifacts.list_files(d))
-    assert {"model.qat.onnx", "model.qat-cpu.onnx", "config.json", "tokenizer.json"} <= files
+    assert {"model.qat.onnx", "config.json", "tokenizer.json"} <= files and "model.qat-cpu.onnx" not in files
     assert (d / "manifest.json").is_file()
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["stage"] == "qat" and manifest["status"] == "ok"
     m = manifest["metrics"]
     assert set(m["variants"]) == {s.key for s in variants.for_stage("qat")} == {"qat", "ov-qat", "trt-qat"}
     ort = m["variants"]["qat"]
-    assert ort["status"] in ("ok", "rejected") and ort["file"] == "model.qat-cpu.onnx"
+    assert ort["status"] in ("ok", "rejected") and ort["file"] == "model.qat.onnx"
     assert ort["parity"]["argmax_agreement"] > 0.5 and 0 <= ort["accuracy"] <= 1
     assert ort["accuracy_delta"] == pytest.approx(ort["accuracy"] - m["reference"]["accuracy"])
     assert m["variants"]["trt-qat"]["status"] == "skipped" and "model.qat.onnx" in m["variants"]["trt-qat"]["reason"]
@@ -150,3 +150,20 @@ def test_main_runs_qat_only_when_asked(tmp_path):
     assert qat_stage.enabled_by(argparse.Namespace(qat=True)) and not qat_stage.enabled_by(argparse.Namespace())
     names = [s.name for s in stages.STAGES]
     assert names.index("qat") > names.index("prune") and names.index("qat") < names.index("compare")
+
+
+def test_onnx_runtime_runs_the_qat_file_on_integer_kernels(qat_run, tmp_path):
+    """One quantizer per Linear input: ONNX Runtime's CPU provider fuses every quantized MatMul of
+    the signed file into an integer kernel, no float MatMul reads a dequantized weight."""
+    import onnxruntime as ort
+
+    from bertopt import export as ex
+
+    out, _ = qat_run
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(out / "qat" / "baseline" / "model.qat.onnx"), so, providers=["CPUExecutionProvider"])
+    counts = ex.op_counts(tmp_path / "optimized.onnx")
+    integer = counts.get("MatMulIntegerToFloat", 0) + counts.get("QLinearMatMul", 0)
+    assert integer == 12 and counts.get("DequantizeLinear", 0) == 0

@@ -77,7 +77,7 @@ def _precision_from_name(name: str) -> str:
     for p in ("int4", "int8", "fp16"):
         if p in name:
             return p
-    return "int8" if "qdq" in name else "fp32"
+    return "int8" if "qdq" in name or "qat" in name else "fp32"
 
 
 def _variant_from_file(path: Path) -> str:
