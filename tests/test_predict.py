@@ -175,3 +175,31 @@ def test_predict_script_one_line_error(tmp_path, capsys):
     assert predict.main([str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path), "--variant", "torch"]) == 1
     err = capsys.readouterr().err
     assert "error: input file not found:" in err and "Traceback" not in err
+
+
+def test_a_row_compare_measured_faster_in_streams_is_scored_in_streams_with_the_same_answers(
+        tmp_path, packaged_model_dir, monkeypatch):
+    from bertopt import export as ex
+    from bertopt.predict.config import PredictConfig
+    from bertopt.predict.scoring import open_scorer
+
+    out = _stage(tmp_path, packaged_model_dir)
+    onnx = out / "onnx" / "baseline"
+    onnx.mkdir(parents=True)
+    ex.export_onnx(out / "baseline", onnx / "model.onnx", 17, 64)
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(out / "baseline" / f, onnx / f)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rec = {"variant": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "source": "baseline",
+           "registry": "ort-fp32", "path": str(onnx / "model.onnx"), "model_dir": str(onnx), "onnx_variant": "fp32"}
+    (reports / "results.json").write_text(json.dumps({"recommendation": rec, "variants": [
+        {**rec, "name": "ort-fp32", "throughput": {"batch_size": 8, "mode": {"mode": "streams", "streams": 3}}}]}))
+    cfg = PredictConfig(input="x.csv", output_dir=str(out), reports_dir=str(reports), quiet=True, max_length=64)
+    texts = _sst2_slice(60)["sentence"].tolist()
+    streamed = open_scorer(cfg)
+    assert streamed.streams == 3 and streamed.batch == 8
+    monkeypatch.setenv("BERTOPT_STREAMS", "1")
+    one = open_scorer(cfg)
+    assert one.streams == 1
+    np.testing.assert_allclose(streamed.scores(texts), one.scores(texts), rtol=0, atol=1e-6)

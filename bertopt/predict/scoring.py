@@ -3,7 +3,8 @@ resolved like the endpoint's through :mod:`bertopt.aws.choice`), its task, label
 strategy from the training manifest, and the answer rows predict.py writes.
 
 :func:`run_batches` is the one place that runs a chunk's length-grouped batches through the
-predictor; a multi-stream runner for batch workloads can replace it without touching the rest."""
+predictor: one call at a time, or N at once where compare measured that mode faster for the row
+(:mod:`bertopt.throughput`)."""
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ class Scorer:
     text_columns: list = field(default_factory=list)
     batch: int = DEFAULT_BATCH
     origin: str = ""
+    streams: int = 1
 
     @property
     def with_tt(self) -> bool:
@@ -53,7 +55,7 @@ class Scorer:
         sep = self.tokenizer.sep_token_id if pairs is not None else None
         batches = [(group, data.pad_batch([ids[i] for i in group], self.tokenizer.pad_token_id or 0, self.with_tt,
                                           sep_id=sep)) for group in batch_groups([len(s) for s in ids], self.batch)]
-        logits = run_batches(self.predictor, batches, len(ids))
+        logits = run_batches(self.predictor, batches, len(ids), self.streams)
         return to_scores(tasks.aggregate(logits, owners, self.task), self.task)
 
 
@@ -65,11 +67,15 @@ def batch_groups(lengths: list, batch: int) -> list[list[int]]:
     return [g[i:i + batch] for g in length_groups(lengths) for i in range(0, len(g), batch)]
 
 
-def run_batches(predictor, batches: list, n: int) -> np.ndarray:
-    """Logits of every (indices, padded batch), placed at their indices: the batch runner (one stream)."""
+def run_batches(predictor, batches: list, n: int, streams: int = 1) -> np.ndarray:
+    """Logits of every (indices, padded batch), placed at their indices; ``streams`` > 1 runs that many
+    batches at once (the predictor must be opened for it)."""
+    from ..throughput import map_batches
+
     out = None
-    for idx, batch in batches:
-        logits = np.asarray(predictor.predict_logits(batch), dtype=np.float64)
+    outputs = map_batches(lambda b: predictor.predict_logits(b[1]), batches, streams)
+    for (idx, _), raw in zip(batches, outputs):
+        logits = np.asarray(raw, dtype=np.float64)
         if out is None:
             out = np.empty((n, logits.shape[1]), dtype=np.float64)
         out[idx] = logits
@@ -115,18 +121,26 @@ def _threshold(record: dict) -> float:
     return 0.5
 
 
-def _row_batch(cfg, variant: str) -> int:
-    """compare's measured end-to-end batch size for this row (results.json), else the default."""
+def _row_run(cfg, variant: str) -> tuple[int, int]:
+    """compare's measured end-to-end batch size and stream count for this row (results.json), else
+    the defaults; ``BERTOPT_STREAMS`` overrides the stream count."""
     import json
+    import os
+
+    from ..throughput import STREAMS_ENV, host_streams
 
     path = artifacts.results_path(cfg.reports_dir)
     try:
         rows = json.loads(path.read_text(encoding="utf-8")).get("variants") or []
     except (OSError, ValueError):
-        return DEFAULT_BATCH
+        rows = []
     row = next((r for r in rows if r.get("name") == variant), None) or {}
     value = (row.get("throughput") or {}).get("batch_size")
-    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_BATCH
+    batch = int(value) if isinstance(value, int) and value > 0 else DEFAULT_BATCH
+    streams = int(((row.get("throughput") or {}).get("mode") or {}).get("streams") or 1)
+    if os.environ.get(STREAMS_ENV):
+        streams = host_streams(1)[0]
+    return batch, streams
 
 
 def choose(cfg, gpu: bool = False):
@@ -159,11 +173,21 @@ def open_scorer(cfg, choice=None) -> Scorer:
         spec = variants.REGISTRY.get(choice.variant)
         if spec is None:
             raise PipelineError(f"{choice.variant}: not a registered variant (see bertopt/variants.py)")
-        predictor = runtimes.open_predictor(spec, Path(choice.path), threads=cfg.threads, device="cpu")
+        predictor = None
+    batch, streams = _row_run(cfg, choice.variant)
+    if predictor is None:
+        from ..throughput import open_streams, streams_refusal
+
+        streams = streams if streams > 1 and not streams_refusal(spec.backend) else 1
+        predictor = (open_streams(spec, Path(choice.path), streams, name=choice.variant) if streams > 1 else
+                     runtimes.open_predictor(spec, Path(choice.path), threads=cfg.threads, device="cpu"))
+    else:
+        streams = 1
     scorer = scorer_info(cfg, choice)
     scorer.predictor, scorer.tokenizer = predictor, modeling.load_tokenizer(str(choice.model_dir))
-    scorer.batch = cfg.batch or _row_batch(cfg, choice.variant)
-    log.info("scoring with %s (%s, %s; %s): task %s, labels %s, max length %d, long text %s, batches of <= %d",
+    scorer.batch, scorer.streams = cfg.batch or batch, streams
+    log.info("scoring with %s (%s, %s; %s): task %s, labels %s, max length %d, long text %s, batches of <= %d, %s",
              scorer.variant, choice.backend, choice.precision, choice.origin, scorer.task, scorer.label_names,
-             scorer.max_length, scorer.long_text, scorer.batch)
+             scorer.max_length, scorer.long_text, scorer.batch,
+             f"{streams} at once (compare's faster mode for this row)" if streams > 1 else "one call at a time")
     return scorer
