@@ -203,9 +203,14 @@ def _description(status, secondary, **extra):
 ])
 def test_every_unsuccessful_end_is_one_line_and_exit_1(aws, monkeypatch, tmp_path, tiny_data_dir, tiny_model_dir,
                                                        capsys, status, secondary, reason, shown):
+    import logging
+
     from bertopt import cli
     from bertopt.aws.jobs import training
 
+    # a console handler an earlier test bound to its (now closed) captured stderr would print "Logging error"
+    root = logging.getLogger("bertopt")
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if not getattr(h, "_bertopt_console", False)])
     extra = {"FailureReason": reason} if reason else {}
     session, stub = _stubbed(monkeypatch, [("InProgress", "Starting"), ("InProgress", "Training"),
                                            (status, secondary)], **extra)
