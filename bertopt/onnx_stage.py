@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import artifacts, families, model_files, modeling, ptq_search, variants, width
+from . import artifacts, model_files, modeling, ptq_search, variants
 from . import export as ex
 from .cli import StageResult, print_config
 from .config import CommonConfig
@@ -248,79 +248,6 @@ def decide_status(name: str, max_abs_diff: float, accuracy_delta: Optional[float
     return "ok", None
 
 
-# ----------------------------------------------------------------------------- converters
-# the registry's ``builder`` of each ONNX-stage variant: (cfg, ref, out_dir, spec, built) -> manifest facts
-def build_opt(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    return build_fused(ref.config, out_dir / spec.built_from, out_dir / spec.file)
-
-
-def build_fused(config, src: Path, dst: Path) -> dict:
-    """model.opt.onnx with the optimizer type the families table names. VariantUnavailable where
-    the architecture has no attention fusion (known, or found out for a family outside the table);
-    a table family that should fuse but fuses nothing is an export bug and fails."""
-    model_type, reason = families.ort_fusion(config)
-    if model_type is None:
-        raise ex.VariantUnavailable(reason)
-    try:
-        heads = width.num_heads(config)  # a head-pruned model: fewer heads than hidden / head size
-        return dict(ex.optimize(src, dst, heads, heads * width.head_size(config), model_type),
-                    model_type=model_type)
-    except ex.NoAttentionFused as exc:
-        if families.family(config).known:
-            raise
-        raise ex.VariantUnavailable(f"{exc} (model type {config.model_type!r} is not in the families table)") from None
-
-
-def _int8(cfg: OnnxConfig, base: Path, dst: Path) -> dict:
-    reduce_range, why = ((cfg.int8_reduce_range, "set by --int8-reduce-range")
-                         if cfg.int8_reduce_range is not None else ex.default_reduce_range())
-    facts = ex.quantize_int8(base, dst, per_channel=cfg.int8_per_channel, reduce_range=reduce_range)
-    return dict(facts, reduce_range_reason=why, from_file=base.name)
-
-
-def build_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    opt_ok = built.get("opt", {}).get("status") == "ok"
-    return _int8(cfg, out_dir / (spec.built_from if opt_ok else variants.by_key("onnx", "fp32").file), out_dir / spec.file)
-
-
-def build_int8_unfused(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    int8 = built.get("int8", {})
-    if int8.get("status") == "ok" and int8.get("from_file") == spec.built_from:
-        raise ex.VariantUnavailable("int8 is already the unfused graph's INT8 (the fused graph was not built)")
-    return _int8(cfg, out_dir / spec.built_from, out_dir / spec.file)
-
-
-def build_int4(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    src = out_dir / spec.built_from
-    return dict(ex.quantize_int4(src, out_dir / spec.file, block_size=cfg.int4_block_size), from_file=src.name)
-
-
-def build_fp16(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    src = out_dir / spec.built_from
-    return dict(ex.convert_fp16(src, out_dir / spec.file), from_file=src.name)
-
-
-def build_qdq(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    """One calibration, two files: the signed TensorRT Q/DQ model (trt-int8's input, checked
-    against what TensorRT's explicit quantization takes) and its CPU form (``spec.file``)."""
-    from . import qdq
-
-    src = out_dir / spec.built_from
-    trt_file = out_dir / variants.get("trt-int8").built_from
-    feeds = ref.calibration_feeds(cfg.calibration_samples, fixed_shape=cfg.calibration_method != "minmax")
-    facts = ex.quantize_qdq(src, trt_file, feeds, per_channel=cfg.qdq_per_channel,
-                            method=cfg.calibration_method, exclude_ffn_output=cfg.qdq_exclude == "ffn-output")
-    problems = qdq.trt_problems(trt_file)
-    return dict(facts, from_file=src.name, tensorrt_file=trt_file.name,
-                tensorrt_check=problems[:5] or "ok", cpu_form=qdq.cpu_qdq(trt_file, out_dir / spec.file))
-
-
-def build_ov_int8(cfg: OnnxConfig, ref: Reference, out_dir: Path, spec, built: dict) -> dict:
-    src = out_dir / spec.built_from
-    feeds = ref.calibration_feeds(cfg.calibration_samples)
-    return dict(ex.quantize_nncf(src, out_dir / spec.file, feeds), from_file=src.name)
-
-
 def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, built: dict) -> dict:
     """Create one variant file with its registered converter; returns the facts for the manifest
     (a variant without a converter reads an existing file, e.g. OpenVINO FP32 reads model.onnx)."""
@@ -338,6 +265,40 @@ def build_variant(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, bui
 def source_weight_bytes(model_dir: Path) -> int:
     """The source's weight files: every variant is about this size or smaller (3x sizes the check)."""
     return sum(p.stat().st_size for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+def _build_one(cfg: OnnxConfig, ref: Reference, out_dir: Path, name: str, built: dict, fp32_size: int) -> dict:
+    """Build, check and log one variant; its manifest entry (a converter's failure is recorded, not
+    raised, except for the FP32 export itself)."""
+    t0 = time.perf_counter()
+    facts: dict = {}
+    usable, why = variants.by_key("onnx", name).available()
+    if not usable:
+        info = _failed(name, why, facts, status="skipped")
+        log.info("%s", _fmt_line(name, info))
+        return info
+    try:
+        if name != "fp32":
+            facts = build_variant(cfg, ref, out_dir, name, built)
+        facts["build_s"] = round(time.perf_counter() - t0, 2)
+        info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
+        info = ptq_search.maybe_recover(cfg, ref, out_dir, name, info, fp32_size, evaluate_variant)
+    except ex.VariantUnavailable as exc:
+        info = _failed(name, str(exc), facts, status="skipped")
+    except PipelineError as exc:
+        if name == "fp32":
+            raise
+        info = _failed(name, str(exc), facts)
+    except Exception as exc:  # a converter bug must not hide the other variants' results
+        if name == "fp32":
+            raise
+        log.debug("variant %s failed", name, exc_info=True)
+        info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
+    (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
+    if name == "fp32":
+        ref.release_model()  # the PyTorch outputs exist now; the converters need the memory
+    model_files.release_memory()
+    return info
 
 
 def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict, bool]:
@@ -369,35 +330,7 @@ def export_source(cfg: OnnxConfig, source: Source, ref: Reference) -> tuple[dict
         fp32_size = model_files.model_bytes(out_dir / "model.onnx")
         variants_: dict[str, dict] = {}
         for name in ["fp32"] + [v for v in OPTIONAL_VARIANTS if v in cfg.variant_list()]:
-            t0 = time.perf_counter()
-            facts: dict = {}
-            usable, why = variants.by_key("onnx", name).available()
-            if not usable:
-                variants_[name] = _failed(name, why, facts, status="skipped")
-                log.info("%s", _fmt_line(name, variants_[name]))
-                continue
-            try:
-                if name != "fp32":
-                    facts = build_variant(cfg, ref, out_dir, name, variants_)
-                facts["build_s"] = round(time.perf_counter() - t0, 2)
-                info = evaluate_variant(cfg, ref, out_dir, name, fp32_size, facts)
-                info = ptq_search.maybe_recover(cfg, ref, out_dir, name, info, fp32_size, evaluate_variant)
-            except ex.VariantUnavailable as exc:
-                info = _failed(name, str(exc), facts, status="skipped")
-            except PipelineError as exc:
-                if name == "fp32":
-                    raise
-                info = _failed(name, str(exc), facts)
-            except Exception as exc:  # a converter bug must not hide the other variants' results
-                if name == "fp32":
-                    raise
-                log.debug("variant %s failed", name, exc_info=True)
-                info = _failed(name, f"{type(exc).__name__}: {first_line(exc)}", facts)
-            variants_[name] = info
-            (log.info if info["status"] == "ok" else log.warning)("%s", _fmt_line(name, info))
-            if name == "fp32":
-                ref.release_model()  # the PyTorch outputs exist now; the converters need the memory
-            model_files.release_memory()
+            variants_[name] = _build_one(cfg, ref, out_dir, name, variants_, fp32_size)
         metrics = {
             "source": source.name, "source_dir": str(source.model_dir),
             "label_names": list(splits.label_names),

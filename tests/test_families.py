@@ -66,7 +66,7 @@ def test_fusion_skipped_by_the_table_or_when_an_unknown_family_fuses_nothing(fam
     from transformers import AutoConfig
 
     from bertopt import export as ex
-    from bertopt.onnx_stage import build_fused
+    from bertopt.converters import build_fused
 
     src = tmp_path / "model.onnx"
     ex.export_onnx(family_dirs["deberta"], src, max_length=32)

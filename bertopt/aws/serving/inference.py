@@ -247,18 +247,16 @@ def _threads():
 def _make_predictor(model_dir: str, settings: dict):
     backend = settings.get("backend", "onnxruntime")
     name = settings.get("variant")
+    path = os.path.join(model_dir, settings.get("model_file") or "model.onnx")
     if backend == "onnxruntime":
-        path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
         return _runtimes.OrtPredictor(path, name=name, providers=_providers(settings),
                                       intra_op_threads=_threads(), precision=settings.get("precision", "fp32"),
                                       spinning=settings.get("ort_spinning"))
     if backend == "openvino":  # Intel CPU hosts; the archive pins openvino in code/requirements.txt
-        path = os.path.join(model_dir, settings.get("model_file", "model.onnx"))
         s = {**DEFAULTS, **settings}
         streams = max(int(s["model_streams"]), int(s["batch_runners"]) if float(s["batch_wait_ms"]) >= 0 else 1)
         return _runtimes.OpenVinoPredictor(path, name=name or "ov-fp32", precision=settings.get("precision", "fp32"),
-                                           threads=_threads(), streams=streams,
-                                           float_precision=settings.get("float_math"))
+                                           threads=_threads(), streams=streams, float_precision=settings.get("float_math"))
     if backend == "torch":
         device = "cpu"
         if settings.get("device") == "cuda":
