@@ -169,8 +169,14 @@ def test_a_pair_model_refuses_a_single_text_file(tmp_path, packaged_model_dir):
         _predict(out, src, tmp_path / "p.csv")
 
 
-def test_predict_script_one_line_error(tmp_path, capsys):
+def test_predict_script_one_line_error(tmp_path, capsys, monkeypatch):
+    import logging
+
     import predict
+
+    # a console handler an earlier test bound to its (now closed) captured stderr would print "Logging error"
+    root = logging.getLogger("bertopt")
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if not getattr(h, "_bertopt_console", False)])
 
     assert predict.main([str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path), "--variant", "torch"]) == 1
     err = capsys.readouterr().err
