@@ -64,7 +64,7 @@ class VariantSpec:
 
 _ORT = "bertopt.runtimes:open_ort"
 _BUILD = "bertopt.converters:"
-OV_HINT = "pip install -r requirements.txt: in the default install on x86-64 and arm64"
+OV_HINT = "pip install -r requirements.txt: OpenVINO and NNCF are in the default install on x86-64 and arm64"
 
 REGISTRY: dict[str, VariantSpec] = {}
 

@@ -192,7 +192,8 @@ def test_stage_builds_every_variant_with_manifest(stage_out):
     assert manifest["stage"] == "onnx" and manifest["status"] == "ok"
     m = manifest["metrics"]
     assert m["source"] == "baseline" and m["label_names"] == ["negative", "positive"]
-    assert set(m["variants"]) == {"fp32", "opt", "int8", "int8-unfused", "int4", "fp16", "qdq", "ov-fp32", "ov-int8"}
+    assert set(m["variants"]) == {"fp32", "opt", "int8", "int8-unfused", "int4", "fp16", "qdq", "ov-fp32", "ov-bf16",
+                                 "ov-int8", "ov-int8-bf16"}
     for name, v in m["variants"].items():
         if v["backend"] == "openvino":  # optional extra: covered by tests/test_openvino.py
             continue
