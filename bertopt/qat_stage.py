@@ -225,6 +225,7 @@ def _run(cfg: QatConfig, source, out_dir: Path, run_) -> dict:
     from .reference import Reference
 
     ref = Reference(cfg, source)
+    out_dir = run_.directory  # the working directory, swapped into place by run_.finish
     inputs = {"source": {"name": source.name, "dir": str(source.model_dir), "manifest_digest": source.digest()}}
     try:
         qat.modelopt()

@@ -38,7 +38,6 @@ def cpu_qdq(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     """Rewrite the signed activation Q/DQ pairs of ``src`` to unsigned (zero-point + 128) so ONNX
     Runtime's CPU provider runs integer kernels; weight DequantizeLinear nodes (constant int8
     input) are left as they are. Returns the count of rewritten nodes."""
-    import onnx
     from onnx import numpy_helper
 
     from .export import load_onnx
@@ -62,7 +61,9 @@ def cpu_qdq(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     used = {i for n in graph.node for i in n.input}
     for old in [i for i in graph.initializer if i.name in made and i.name not in used]:
         graph.initializer.remove(old)
-    onnx.save(model, str(dst))
+    from . import model_files
+
+    model_files.save(model, dst)  # the pipeline's one rule: external data above the threshold
     return {"method": "signed activation Q/DQ -> uint8 (zero-point + 128), same scales",
             "rewritten_quantize": len(activation_q), "rewritten_dequantize": len(activation_dq),
             "from_file": Path(src).name}
@@ -150,9 +151,6 @@ def keep_float(src: str | os.PathLike, dst: str | os.PathLike, names: Sequence[s
     activation before the QuantizeLinear and its weight dequantized once, offline; quantizers
     nobody reads any more are removed. Every other node keeps its calibrated scales, which is
     what quantize_static(nodes_to_exclude=...) with the same calibration data gives."""
-    import onnx
-    from onnx import numpy_helper
-
     from .export import load_onnx
 
     model = load_onnx(src)
@@ -173,7 +171,9 @@ def keep_float(src: str | os.PathLike, dst: str | os.PathLike, names: Sequence[s
                 node.input[k] = producer[dq.input[0]].input[0]
     _bypass_unused_activation_pairs(graph)
     _drop_unread(graph)
-    onnx.save(model, str(dst))
+    from . import model_files
+
+    model_files.save(model, dst)  # the pipeline's one rule: external data above the threshold
     return {"kept_float": [n for n in names], "method": "Q/DQ removed around the nodes (same calibration)"}
 
 

@@ -312,11 +312,10 @@ def run_trained(cfg: TrainedConfig) -> StageResult:
         print_config("trained", cfg)
         log.info("reference: %s, trained elsewhere (%s); %s, %d eval rows, labels %s, max length %d",
                  cfg.trained, where["kind"], spec.task, len(splits.eval), splits.label_names, max_length)
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        artifacts.atomic_write_json(directory / "labels.json", splits.label_names)
+        artifacts.save_model(model, tokenizer, run.directory)  # the working dir, swapped in by finish
+        artifacts.atomic_write_json(run.directory / "labels.json", splits.label_names)
         run.finish(status="ok", config=cfg.to_dict(), inputs={"model": cfg.trained, "dataset": splits.source},
-                   outputs=artifacts.list_files(directory), metrics=metrics, resumed=False, origin=where,
+                   outputs=artifacts.list_files(run.directory), metrics=metrics, resumed=False, origin=where,
                    head_permutation=perm,
                    data={"source": splits.source, "label_names": splits.label_names, "eval_carved": splits.eval_carved,
                          "eval_only": cfg.eval_only, **data_record(cfg, splits, spec)})

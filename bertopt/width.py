@@ -156,7 +156,9 @@ def importance(model, loader, device, loss_fn: Callable, max_batches: Optional[i
     import torch
 
     from .logs import progress
-    from .training import _to_device
+
+    def _to_device(batch, device, non_blocking):  # (not training's: the serving archive vendors this module)
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("labels", "index")}
 
     row = spec(model)
     d = head_size(model)

@@ -167,8 +167,8 @@ def test_archive_layout_and_reproducibility(tmp_path, saved, served):
     assert archive.members == sorted([
         "code/bertopt_runtime/__init__.py", "code/bertopt_runtime/config.py", "code/bertopt_runtime/data.py",
         "code/bertopt_runtime/errors.py", "code/bertopt_runtime/families.py", "code/bertopt_runtime/hub.py", "code/bertopt_runtime/jsonl.py",
-        "code/bertopt_runtime/modeling.py", "code/bertopt_runtime/runtimes.py", "code/bertopt_runtime/tables.py",
-        "code/bertopt_runtime/tasks.py", "code/inference.py", "code/requirements.txt", "config.json", "model.onnx", "serving.json",
+        "code/bertopt_runtime/logs.py", "code/bertopt_runtime/modeling.py", "code/bertopt_runtime/runtimes.py",
+        "code/bertopt_runtime/tables.py", "code/bertopt_runtime/tasks.py", "code/bertopt_runtime/width.py", "code/inference.py", "code/requirements.txt", "config.json", "model.onnx", "serving.json",
         "tokenizer.json", "tokenizer_config.json"])
     with tarfile.open(archive.path) as tar:
         names = tar.getnames()

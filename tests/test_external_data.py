@@ -53,6 +53,10 @@ def test_every_onnx_variant_is_one_file_plus_one_data_file(external_out):
         assert path.stat().st_size < files[1].stat().st_size, key  # the weights are in the data file
         assert v["size_bytes"] == sum(f.stat().st_size for f in files), key   # sizes count the data
         expected |= {f.name for f in files}
+        if v.get("tensorrt_file"):  # qdq: the signed TensorRT file beside the CPU one, by the same rule
+            trt = d / v["tensorrt_file"]
+            assert model_files.model_files(trt) == [trt, model_files.data_file(trt)]
+            expected |= {f.name for f in model_files.model_files(trt)}
     for key, v in built.items():
         if v["backend"] == "openvino" and v["file"].endswith(".xml"):
             expected |= {v["file"], v["file"][:-4] + ".bin"}

@@ -8,9 +8,11 @@ at a chosen point (after an optimizer step, after the ONNX export, inside compar
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -71,6 +73,18 @@ elif script == "compare":
 module = __import__(script)
 sys.exit(module.main(argv))
 '''
+
+
+@contextlib.contextmanager
+def _listening(caplog):
+    """caplog's handler on bertopt.staging itself: an earlier stage run in this process stops the
+    bertopt loggers propagating to the root, where caplog listens."""
+    log = logging.getLogger("bertopt.staging")
+    log.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(caplog.handler)
 
 
 def _env(**extra) -> dict:
@@ -159,7 +173,7 @@ def test_a_run_with_another_config_discards_the_killed_runs_working_dir(tmp_path
     job = _run(cmd, ROOT, _env(KILL_AT_STEP=4))
     assert job.returncode == -signal.SIGKILL, job.stdout[-3000:]
     cfg = tiny_train_config(tiny_model_dir, tiny_data_dir, out, max_train_samples=48, epochs=1)
-    with caplog.at_level("WARNING", logger="bertopt.staging"):
+    with caplog.at_level("WARNING", logger="bertopt.staging"), _listening(caplog):
         assert run_baseline(cfg).status == "ok"
     assert any("discarding" in r.getMessage() and "cannot resume" in r.getMessage() for r in caplog.records)
     m = artifacts.read_manifest(base)
@@ -284,7 +298,7 @@ def test_lock_refuses_a_live_holder_waits_with_wait_and_takes_over_a_dead_ones(t
             "staging.OutputLock(sys.argv[1], 'demo').acquire(); os.kill(os.getpid(), signal.SIGKILL)")
     dead = subprocess.run([sys.executable, "-c", code, str(final), str(ROOT)], timeout=120)
     assert dead.returncode == -signal.SIGKILL
-    with caplog.at_level("WARNING", logger="bertopt.staging"):
+    with caplog.at_level("WARNING", logger="bertopt.staging"), _listening(caplog):
         staging.OutputLock(final, "demo").acquire().release()
     assert any("taking over the lock" in r.getMessage() for r in caplog.records)
 

@@ -408,7 +408,7 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
                     stats.get("dominated") or {}, first, modes, plan.record())
 
 
-def _first_passes(s: Setup, o: Opened, chosen: dict, plan) -> dict:
+def _first_passes(s: Setup, o: Opened, chosen: dict, plan=None) -> dict:
     """The warm-up before the timed passes. A dynamically padded row runs the whole eval set once
     (and once more in its throughput mode), so no timed pass meets an input shape for the first
     time (OpenVINO compiles kernels for each new shape, ~10-60 ms apiece); that first pass is timed
@@ -428,7 +428,7 @@ def _first_passes(s: Setup, o: Opened, chosen: dict, plan) -> dict:
             t0 = time.perf_counter()
             run(v, s.texts, o.preds[v.name])
             first[v.name] = time.perf_counter() - t0
-        if v.name in plan.preds:
+        if plan is not None and v.name in plan.preds:
             run(v, s.texts, plan.preds[v.name], plan.n)
         for _ in range(max(s.proto["warmup"], 1) - full):
             run(v, warm_texts, o.preds[v.name])
