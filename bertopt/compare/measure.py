@@ -19,9 +19,11 @@ from ..errors import PipelineError
 from ..logs import progress
 from .assemble import _environment, _loadavg, _rescale_cpu_efficiency, _results, assemble_rows
 from .config import BASELINE_ROW, PADDED_BATCH, PADDED_LENGTH, REFERENCE, CompareConfig
-from . import streams
 from .discover import discover
 from .memory import memory_probes, probe_names
+from .streams import TAG as STREAM_TAG
+from .streams import choose as choose_modes
+from .streams import open_stream_predictors
 from .workloads import LatencyTask, _inputs_for, classify_texts, single_request
 
 log = logging.getLogger("bertopt.compare")
@@ -375,7 +377,7 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
     chosen, e2e_seq, mean_len = _e2e_batches(s, o, sweep)
     _drop_unfit(s, o, chosen)
     predictions, consistent = {}, {}
-    plan = streams.open_stream_predictors(o.live, s.threads)
+    plan = open_stream_predictors(o.live, s.threads)
 
     def task(v, key, p, n):
         def go():
@@ -387,7 +389,7 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
         return go
 
     tasks = {v.name: task(v, v.name, o.preds[v.name], 1) for v in o.live}
-    tasks.update({v.name + streams.TAG: task(v, v.name + streams.TAG, plan.preds[v.name], plan.n)
+    tasks.update({v.name + STREAM_TAG: task(v, v.name + STREAM_TAG, plan.preds[v.name], plan.n)
                   for v in o.live if v.name in plan.preds})
     first = _first_passes(s, o, chosen, plan)
     log.info("end to end: %d texts x %d variants (%d also in %d streams) x %d repeats", len(s.texts), len(o.live),
@@ -399,9 +401,9 @@ def run_end_to_end(s: Setup, o: Opened, sweep: Sweep, phases: Phases) -> EndToEn
                                stats=stats, **_adaptive(s.proto))
     bar.close()
     _log_early_stop("end to end", stats, s.proto["repeats"])
-    modes = streams.choose(times, predictions, plan)
-    for key in [k for k in consistent if k.endswith(streams.TAG)]:
-        row = key[:-len(streams.TAG)]
+    modes = choose_modes(times, predictions, plan)
+    for key in [k for k in consistent if k.endswith(STREAM_TAG)]:
+        row = key[:-len(STREAM_TAG)]
         consistent[row] = consistent.get(row, True) and consistent.pop(key)
     phases.done("end_to_end", stats)
     return EndToEnd(chosen, times, predictions, consistent, e2e_seq, mean_len, stats.get("rounds") or 0,
